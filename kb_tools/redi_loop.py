@@ -1,0 +1,124 @@
+"""ReDi's retrieval step between the key phase and the finish phase.
+
+The node glue runs the first k steps with a stock sampler (the key phase), calls
+`retrieve()` with the resulting state, then finishes each item from step v with the
+blended value, or from step k when the quality guard rejects its neighbours.
+
+Two key spaces:
+  latent:   key = the latent after k steps, value = the latent after v steps (the
+            paper; meaningful when the query uses the KB's seed, the paper's regime).
+  denoised: key = the model's denoised estimate after k steps, value = the denoised
+            estimate at v, re-noised to sigma_v with the query's own noise estimate,
+            so a KB serves queries with any seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blend import blend, lstsq_weights
+from .errors import KBError
+from .kb_format import KEY_SPACES
+from .knowledge_base import KnowledgeBase
+
+
+@dataclass(frozen=True)
+class ReDiParams:
+    key_step: int
+    value_step: int
+    neighbours: int = 1
+    key_space: str = "latent"
+    max_key_distance: float = 0.0  # relative ||y - nearest|| / ||y||; 0 disables the guard
+    max_residual: float = 0.0  # relative least-squares residual; 0 disables the guard
+
+    def validate(self, steps: int, kb: KnowledgeBase | None = None) -> None:
+        k, v = self.key_step, self.value_step
+        if not 1 <= k < v <= steps:
+            raise KBError(f"need 1 <= key step ({k}) < value step ({v}) <= steps ({steps}); lower the key step or raise the value step")
+        if self.neighbours < 1:
+            raise KBError(f"neighbours must be at least 1, not {self.neighbours}")
+        if self.key_space not in KEY_SPACES:
+            raise KBError(f"key space must be one of {KEY_SPACES}, not {self.key_space!r}")
+        if kb is not None:
+            kb.require_step(k, "key")
+            kb.require_step(v, "value")
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """The key phase's result for a batch (all arrays B x C x H x W, model space)."""
+
+    x: np.ndarray  # latent after k steps
+    denoised: np.ndarray  # denoised estimate of the last evaluated step
+    eps: np.ndarray  # the query's own noise estimate, (x_prev - denoised) / sigma_prev
+
+
+@dataclass
+class ItemReport:
+    accepted: bool
+    neighbours: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    distances: list[float] = field(default_factory=list)  # relative to the query's norm
+    weights: list[float] = field(default_factory=list)
+    residual: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Retrieval:
+    x_v: np.ndarray  # B x C x H x W start latents for accepted items (rows of rejected items are unused)
+    accepted: np.ndarray  # B bools
+    reports: list[ItemReport]
+
+
+def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: float) -> Retrieval:
+    """Find each item's neighbours at the key step and blend their values at the value step."""
+    params.validate(kb.fingerprint.steps, kb)
+    if state.x.shape[1:] != tuple(kb.fingerprint.latent_shape):
+        raise KBError(
+            f"latent shape {tuple(state.x.shape[1:])} does not match KB {kb.name} ({tuple(kb.fingerprint.latent_shape)}); "
+            "use the KB's width/height or build a KB at this size"
+        )
+    k, v, space = params.key_step, params.value_step, params.key_space
+    queries = (state.x if space == "latent" else state.denoised).reshape(len(state.x), -1).astype(np.float32)
+    dist, ids = kb.search(space, k, queries, params.neighbours)
+    keys = kb.keys(space, k)
+    x_v = np.zeros_like(state.x, dtype=np.float32)
+    accepted = np.zeros(len(queries), dtype=bool)
+    reports = []
+    for b, q in enumerate(queries):
+        nb = ids[b][ids[b] >= 0]
+        qn = max(float(np.linalg.norm(q)), 1e-12)
+        rel = [float(d) / qn for d in dist[b][: len(nb)]]
+        w, resid = lstsq_weights(keys[nb], q)
+        rep = ItemReport(
+            accepted=True, neighbours=nb.tolist(), prompts=[kb.entries[i].prompt for i in nb],
+            distances=rel, weights=w.tolist(), residual=resid,
+        )
+        if params.max_key_distance > 0 and rel[0] > params.max_key_distance:
+            rep.accepted, rep.reason = False, f"nearest key at {rel[0]:.3f} > max {params.max_key_distance:.3f}"
+        elif params.max_residual > 0 and resid > params.max_residual:
+            rep.accepted, rep.reason = False, f"blend residual {resid:.3f} > max {params.max_residual:.3f}"
+        if rep.accepted:
+            value = blend(kb.values(space, v, nb), w)
+            if space == "denoised":
+                value = value + np.float32(sigma_v) * state.eps[b].astype(np.float32)
+            x_v[b] = value
+            accepted[b] = True
+        reports.append(rep)
+    return Retrieval(x_v, accepted, reports)
+
+
+def summary_lines(ret: Retrieval, params: ReDiParams, steps: int) -> list[str]:
+    """Human-readable report for the node's UI."""
+    skipped = params.value_step - params.key_step
+    lines = [f"ReDi: key step {params.key_step}, value step {params.value_step}, {params.key_space} keys, H={params.neighbours}"]
+    for b, r in enumerate(ret.reports):
+        head = f"[{b}] " + (f"skipped {skipped} of {steps} steps" if r.accepted else f"full sampling ({r.reason})")
+        lines.append(head)
+        for p, d, w in zip(r.prompts, r.distances, r.weights):
+            lines.append(f"    w={w:+.3f} dist={d:.3f}  {p[:80]}")
+        lines.append(f"    residual {r.residual:.3f}")
+    return lines

@@ -1,0 +1,1 @@
+"""ComfyUI node glue: schemas, validation, messages, calls into the pure modules."""

@@ -1,0 +1,163 @@
+"""ReDi KB Builder and ReDi KB Loader nodes."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..kb_tools import builder
+from ..kb_tools.errors import KBError
+from ..kb_tools.kb_format import Fingerprint, text_hash
+from ..kb_tools.knowledge_base import KnowledgeBase
+from . import comfy_sampling, kb_types
+
+
+def encode_batch(clip, prompts: list[str]):
+    """CLIP-encode prompts into one batched conditioning, or None when their token
+    lengths differ (very long prompts); then items are sampled one by one."""
+    conds, pooled = [], []
+    for p in prompts:
+        c, pl = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+        conds.append(c)
+        pooled.append(pl)
+    if len({c.shape[1] for c in conds}) != 1:
+        return None
+    extra = {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}
+    return [[torch.cat(conds), extra]]
+
+
+def parse_steps(text: str, steps: int) -> tuple[int, ...]:
+    try:
+        vals = tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
+    except ValueError as e:
+        raise KBError(f"steps to store must be comma-separated integers like '4,6,10', not {text!r}") from e
+    if not vals:
+        raise KBError("give at least one step to store, e.g. '5,10'")
+    bad = [v for v in vals if not 1 <= v <= steps]
+    if bad:
+        raise KBError(f"steps to store {bad} are outside 1..{steps} (the sampling steps); fix the list or raise steps")
+    return vals
+
+
+def read_prompts(prompts: str, prompts_file: str) -> list[str]:
+    lines = prompts.splitlines()
+    if prompts_file.strip():
+        path = prompts_file.strip()
+        if not os.path.isfile(path):
+            raise KBError(f"prompts file {path!r} not found; give an absolute path to a text file with one prompt per line")
+        with open(path, encoding="utf-8") as f:
+            lines += f.read().splitlines()
+    return builder.clean_prompts(lines)
+
+
+class ReDiKBBuilder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReDiKBBuilder",
+            display_name="ReDi KB Builder",
+            category="ReDi/knowledge base",
+            description="Samples every prompt with a stock sampler and stores its trajectory in a knowledge base "
+            "(models/redi_kb/NAME). Resumable: re-running with the same prompts continues a stopped build; new prompts are appended.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model the KB is for. A KB only serves this exact model (weights and patches)."),
+                io.Clip.Input("clip", tooltip="Text encoder used to encode the prompts."),
+                io.String.Input("prompts", multiline=True, default="", tooltip="One prompt per line. Lines starting with # are ignored. More (and more varied) prompts give closer neighbours."),
+                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every trajectory. Queries should use the same one."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler", tooltip="Sampler of the stored trajectories. ReDi KSampler must use the same."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal", tooltip="Scheduler of the stored trajectories. ReDi KSampler must use the same."),
+                io.Int.Input("steps", default=20, min=2, max=1000, tooltip="Sampling steps of the stored trajectories. ReDi KSampler must use the same."),
+                io.Float.Input("cfg", default=6.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale of the stored trajectories. ReDi KSampler must use the same."),
+                io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="Image width; the KB serves only this size."),
+                io.Int.Input("height", default=512, min=16, max=8192, step=8, tooltip="Image height; the KB serves only this size."),
+                io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Prompts sampled together. Each finished batch is saved at once, so a stopped build loses at most one batch."),
+                io.Combo.Input("seed_mode", options=["fixed", "range"], default="fixed", tooltip="fixed: every trajectory uses `seed` (the paper's setting; queries with that seed match best). range: trajectory i uses seed + i (serves queries with any seed through denoised keys)."),
+                io.Int.Input("seed", default=1024, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The fixed seed, or the first seed of the range."),
+                io.String.Input("stored_steps", default="3,4,5,6,8,10,12,14", tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them. Fewer steps make a smaller KB."),
+                io.String.Input("kb_name", default="my_kb", tooltip="Folder name under models/redi_kb. An existing KB of the same settings is continued or extended."),
+                io.String.Input("prompts_file", default="", optional=True, tooltip="Optional path to a text file with more prompts, one per line."),
+            ],
+            outputs=[kb_types.KBType.Output(display_name="kb", tooltip="The knowledge base, for ReDi KSampler or ReDi Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
+                seed_mode, seed, stored_steps, kb_name, prompts_file="") -> io.NodeOutput:
+        stored = parse_steps(stored_steps, steps)
+        prompt_list = read_prompts(prompts, prompts_file)
+        if not prompt_list:
+            raise KBError("no prompts given: enter one prompt per line (or a prompts file)")
+        if width % 8 or height % 8:
+            raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
+        latent_channels = model.get_model_object("latent_format").latent_channels
+        fp = Fingerprint(
+            model_hash=comfy_sampling.model_hash(model), model_name=type(model.model.model_config).__name__,
+            latent_shape=(latent_channels, height // 8, width // 8), sampler=sampler_name, scheduler=scheduler,
+            steps=steps, cfg=float(cfg), stored_steps=stored, seed_mode=seed_mode, seed=int(seed),
+            negative_hash=text_hash(negative),
+        )
+        neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
+        negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
+        phases = comfy_sampling.Phases(model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
+        pbar = comfy.utils.ProgressBar(len(prompt_list))
+
+        def run_batch(batch, seeds):
+            cond = encode_batch(clip, batch)
+            if cond is None:
+                parts = [run_batch([p], [s]) for p, s in zip(batch, seeds)]
+                return ({s: _cat([p[0][s] for p in parts]) for s in stored}, {s: _cat([p[1][s] for p in parts]) for s in stored})
+            latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
+            return phases.trajectory(cond, latent, seeds, stored)
+
+        path = kb_types.kb_path_for_write(kb_name)
+        manifest = builder.build(
+            path, fp, prompt_list, batch_size, run_batch,
+            progress=lambda done, total: pbar.update_absolute(done, total),
+            check_interrupt=comfy_sampling.check_interrupt,
+        )
+        kb = KnowledgeBase.load(path, check_hash=False)
+        lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
+        return io.NodeOutput(kb, ui=kb_types.report(lines))
+
+
+def _cat(arrays):
+    import numpy as np
+
+    return np.concatenate(arrays)
+
+
+class ReDiKBLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReDiKBLoader",
+            display_name="ReDi KB Loader",
+            category="ReDi/knowledge base",
+            description="Loads and validates a knowledge base from models/redi_kb.",
+            inputs=[
+                io.Combo.Input("kb_name", options=kb_types.list_kbs(), tooltip="A knowledge base under models/redi_kb (press R to refresh the list after building one)."),
+            ],
+            outputs=[kb_types.KBType.Output(display_name="kb", tooltip="The knowledge base, for ReDi KSampler or ReDi Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, kb_name) -> io.NodeOutput:
+        kb = KnowledgeBase.load(kb_types.kb_path_for_read(kb_name))
+        fp = kb.fingerprint
+        lines = [
+            f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)}",
+            f"{fp.sampler}/{fp.scheduler}, {fp.steps} steps, cfg {fp.cfg}, stored steps {list(fp.stored_steps)}, seed {fp.seed_mode} {fp.seed}",
+        ]
+        return io.NodeOutput(kb, ui=kb_types.report(lines))
+
+    @classmethod
+    def fingerprint_inputs(cls, kb_name):
+        try:
+            return os.path.getmtime(os.path.join(kb_types.kb_path_for_read(kb_name), "manifest.json"))
+        except (KBError, OSError):
+            return float("nan")

@@ -1,0 +1,63 @@
+"""The REDI_KB link type and where knowledge bases live on disk."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..kb_tools.errors import KBError
+from ..kb_tools.kb_format import MANIFEST
+
+KB_FOLDER = "redi_kb"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+KBType = io.Custom("REDI_KB")
+
+
+def register_folder() -> None:
+    folder_paths.add_model_folder_path(KB_FOLDER, os.path.join(folder_paths.models_dir, KB_FOLDER))
+
+
+def kb_roots() -> list[str]:
+    return folder_paths.get_folder_paths(KB_FOLDER)
+
+
+def list_kbs() -> list[str]:
+    names = set()
+    for root in kb_roots():
+        if os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, MANIFEST)))
+    return sorted(names)
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not NAME_RE.match(name):
+        raise KBError(f"KB name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return name
+
+
+def kb_path_for_read(name: str) -> str:
+    name = check_name(name)
+    for root in kb_roots():
+        p = os.path.join(root, name)
+        if os.path.isfile(os.path.join(p, MANIFEST)):
+            return p
+    raise KBError(f"no knowledge base named {name!r} in {kb_roots()}; build it with the ReDi KB Builder node first")
+
+
+def kb_path_for_write(name: str) -> str:
+    name = check_name(name)
+    for root in kb_roots():
+        p = os.path.join(root, name)
+        if os.path.isdir(p):
+            return p
+    return os.path.join(kb_roots()[0], name)
+
+
+def report(lines: list[str]) -> dict:
+    """UI payload shown on the node by web/redi.js (and kept in /history)."""
+    return {"redi_report": lines}

@@ -1,0 +1,94 @@
+"""The example workflows, written once in API format. `scripts/make_workflows.py`
+turns them into example_workflows/NAME.json (UI format) and
+example_workflows/api/NAME.json (API format)."""
+
+from __future__ import annotations
+
+from redi_demo import dataset
+
+CKPT = "redi_demo_shapes.safetensors"
+KB_NAME = "demo_shapes_kb"
+SIZE = 64
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
+NEGATIVE = ""
+DEMO_PROMPT = "a large red circle at the center on a white background"
+
+
+def kb_prompts(n: int = 48, seed: int = 7) -> str:
+    return "\n".join(s.content_prompt() for s in dataset.random_samples(n, seed, styles=("plain",)))
+
+
+def _base(prompt: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+    }
+
+
+def _decode_save(src: list, prefix: str) -> dict:
+    return {
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": src, "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }
+
+
+def _builder(prompts: str) -> dict:
+    return {
+        "class_type": "ReDiKBBuilder",
+        "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "prompts": prompts, "negative": NEGATIVE,
+            "sampler_name": SAMPLER, "scheduler": SCHEDULER, "steps": STEPS, "cfg": CFG,
+            "width": SIZE, "height": SIZE, "batch_size": 16, "seed_mode": "fixed", "seed": 1024,
+            "stored_steps": "3,4,5,6,8,10,12,14", "kb_name": KB_NAME, "prompts_file": "",
+        },
+    }
+
+
+REDI_OPTS = {"key_step": 4, "value_step": 10, "neighbours": 1, "key_space": "auto", "max_key_distance": 0.0, "max_residual": 0.0}
+
+
+def demo_txt2img(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    g = _base(prompt)
+    g["5"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    g.update(_decode_save(["5", 0], "demo_txt2img"))
+    return g
+
+
+def redi_build_kb(prompts: str | None = None) -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}, "6": _builder(prompts or kb_prompts())}
+
+
+def redi_ksampler(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str | None = None) -> dict:
+    g = _base(prompt)
+    g["6"] = _builder(prompts or kb_prompts())
+    g["7"] = {"class_type": "ReDiKSampler", "inputs": {
+        "model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "kb": ["6", 0], **REDI_OPTS}}
+    g.update(_decode_save(["7", 0], "redi_ksampler"))
+    return g
+
+
+def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    g = _base(prompt)
+    g["6"] = {"class_type": "ReDiKBLoader", "inputs": {"kb_name": KB_NAME}}
+    g["7"] = {"class_type": "ReDiSampler", "inputs": {"sampler_name": SAMPLER, "kb": ["6", 0], **REDI_OPTS}}
+    g["10"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
+    g["11"] = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": CFG}}
+    g["12"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": SCHEDULER, "steps": STEPS, "denoise": 1.0}}
+    g["13"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["10", 0], "guider": ["11", 0], "sampler": ["7", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}}
+    g.update(_decode_save(["13", 0], "redi_sampler_custom"))
+    return g
+
+
+# name -> builder; the integration tests run them in this order (the KB is built first)
+EXAMPLES = {
+    "demo_txt2img": demo_txt2img,
+    "redi_build_kb": redi_build_kb,
+    "redi_ksampler": redi_ksampler,
+    "redi_sampler_custom": redi_sampler_custom,
+}
