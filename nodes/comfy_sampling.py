@@ -86,12 +86,12 @@ class Phases:
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
 
-    def trajectory(self, positive, latent: torch.Tensor, seeds: list[int], stored: tuple[int, ...]):
+    def trajectory(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, stored: tuple[int, ...]):
         """Full run; returns {s: x after s steps} and {s: denoised at step s-1}, as numpy."""
         xs, ds = {}, {}
         rec = _Recorder(0, self.steps, self.preview, xs, ds)
-        out = _sample(self.model, noise_for(latent, seeds), self.steps, self.cfg, self.sampler, self.scheduler,
-                      positive, self.negative, latent, 0, self.steps, seeds[0], rec, True)
+        out = _sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
+                      positive, self.negative, latent, 0, self.steps, seed, rec, True)
         xs[self.steps] = self.to_model(out.float().cpu())
         return ({s: xs[s].numpy() for s in stored}, {s: ds[s - 1].numpy() for s in stored})
 

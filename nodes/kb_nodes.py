@@ -6,6 +6,7 @@ import os
 
 import comfy.samplers
 import comfy.utils
+import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -90,45 +91,43 @@ class ReDiKBBuilder(io.ComfyNode):
                 seed_mode, seed, stored_steps, kb_name, prompts_file="") -> io.NodeOutput:
         stored = parse_steps(stored_steps, steps)
         prompt_list = read_prompts(prompts, prompts_file)
-        if not prompt_list:
-            raise KBError("no prompts given: enter one prompt per line (or a prompts file)")
-        if width % 8 or height % 8:
-            raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
-        latent_channels = model.get_model_object("latent_format").latent_channels
-        fp = Fingerprint(
-            model_hash=comfy_sampling.model_hash(model), model_name=type(model.model.model_config).__name__,
-            latent_shape=(latent_channels, height // 8, width // 8), sampler=sampler_name, scheduler=scheduler,
-            steps=steps, cfg=float(cfg), stored_steps=stored, seed_mode=seed_mode, seed=int(seed),
-            negative_hash=text_hash(negative),
-        )
-        neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
-        negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
-        phases = comfy_sampling.Phases(model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
-        pbar = comfy.utils.ProgressBar(len(prompt_list))
-
-        def run_batch(batch, seeds):
-            cond = encode_batch(clip, batch)
-            if cond is None:
-                parts = [run_batch([p], [s]) for p, s in zip(batch, seeds)]
-                return ({s: _cat([p[0][s] for p in parts]) for s in stored}, {s: _cat([p[1][s] for p in parts]) for s in stored})
-            latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
-            return phases.trajectory(cond, latent, seeds, stored)
-
         path = kb_types.kb_path_for_write(kb_name)
-        manifest = builder.build(
-            path, fp, prompt_list, batch_size, run_batch,
-            progress=lambda done, total: pbar.update_absolute(done, total),
-            check_interrupt=comfy_sampling.check_interrupt,
-        )
+        pbar = comfy.utils.ProgressBar(max(1, len(prompt_list)))
+        manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
+                            batch_size, seed_mode, seed, stored, progress=lambda done, total: pbar.update_absolute(done, total))
         kb = KnowledgeBase.load(path, check_hash=False)
         lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 
 
-def _cat(arrays):
-    import numpy as np
+def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
+             seed_mode, seed, stored, progress=lambda done, total: None):
+    """The one build path, for the node and for `python -m kb_tools build`."""
+    if not prompt_list:
+        raise KBError("no prompts given: enter one prompt per line (or a prompts file)")
+    if width % 8 or height % 8:
+        raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
+    latent_channels = model.get_model_object("latent_format").latent_channels
+    fp = Fingerprint(
+        model_hash=comfy_sampling.model_hash(model), model_name=type(model.model.model_config).__name__,
+        latent_shape=(latent_channels, height // 8, width // 8), sampler=sampler_name, scheduler=scheduler,
+        steps=steps, cfg=float(cfg), stored_steps=stored, seed_mode=seed_mode, seed=int(seed),
+        negative_hash=text_hash(negative),
+    )
+    neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
+    negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
+    phases = comfy_sampling.Phases(model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
 
-    return np.concatenate(arrays)
+    def run_batch(batch, seeds):
+        cond = encode_batch(clip, batch)
+        if cond is None:
+            parts = [run_batch([p], [s]) for p, s in zip(batch, seeds)]
+            return ({s: np.concatenate([p[0][s] for p in parts]) for s in stored}, {s: np.concatenate([p[1][s] for p in parts]) for s in stored})
+        latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
+        return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds[0], stored)
+
+    return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=progress,
+                         check_interrupt=comfy_sampling.check_interrupt)
 
 
 class ReDiKBLoader(io.ComfyNode):

@@ -36,3 +36,29 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def load_pack(package: str = "redi_accelerate"):
+    """Import this pack as a package, the way ComfyUI's loader does, so that the node
+    glue (relative imports) runs in headless tools. Returns the package module."""
+    import importlib.util
+
+    load_comfy()
+    if package in sys.modules:
+        return sys.modules[package]
+    spec = importlib.util.spec_from_file_location(package, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """(model, clip, vae) from a checkpoint file, with ComfyUI's stock loader."""
+    load_comfy()
+    import comfy.sd
+
+    if not Path(path).is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    return model, clip, vae

@@ -1,0 +1,136 @@
+"""`python -m kb_tools COMMAND`: build, inspect, validate, merge and query ReDi knowledge bases.
+
+    build     sample prompts headlessly into a KB (the KB Builder node's own code path)
+    inspect   fingerprint, size and sample prompts of a KB
+    validate  read every file and checksum; exit 1 with the reason if anything is wrong
+    merge     join KBs built elsewhere (same fingerprint) into a new one
+    query     nearest stored trajectories of one stored entry or of a latent file
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import builder
+from .errors import KBError
+from .kb_format import read_manifest
+from .knowledge_base import KnowledgeBase
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def cmd_inspect(args) -> None:
+    m = read_manifest(Path(args.kb))
+    kb_dir = Path(args.kb)
+    print(json.dumps({"kb": kb_dir.name, "entries": m.count, "shards": len(m.shards), "build_in_progress": m.planned > m.count,
+                      "bytes": _dir_size(kb_dir), "fingerprint": m.fingerprint.to_json()}, indent=1))
+    if m.count:
+        kb = KnowledgeBase.load(kb_dir, check_hash=False)
+        for e in kb.entries[: args.samples]:
+            print(f"  seed {e.seed}: {e.prompt}")
+
+
+def cmd_validate(args) -> None:
+    kb = KnowledgeBase.load(Path(args.kb), check_hash=True)
+    print(f"ok: {kb.name}, {len(kb)} entries, every shard matches its checksum")
+
+
+def cmd_merge(args) -> None:
+    m = builder.merge(Path(args.out), [Path(s) for s in args.sources])
+    print(f"merged {len(args.sources)} KBs into {args.out}: {m.count} entries")
+
+
+def cmd_query(args) -> None:
+    kb = KnowledgeBase.load(Path(args.kb), check_hash=False)
+    if args.latent:
+        from safetensors.numpy import load_file
+
+        q = load_file(args.latent)["latent"].reshape(1, -1)
+        label = args.latent
+    else:
+        if not 0 <= args.entry < len(kb):
+            raise KBError(f"entry {args.entry} is out of range 0..{len(kb) - 1}")
+        q = kb.keys(args.space, args.step)[[args.entry]]
+        label = f"entry {args.entry}: {kb.entries[args.entry].prompt}"
+    dist, ids = kb.search(args.space, args.step, q, args.n)
+    print(f"query ({args.space} key at step {args.step}): {label}")
+    qn = float(np.linalg.norm(q))
+    for d, i in zip(dist[0], ids[0]):
+        print(f"  {i:6d}  dist {d / max(qn, 1e-12):.4f}  {kb.entries[i].prompt}")
+
+
+def cmd_build(args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from redi_demo import host
+
+    host.load_pack()
+    kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
+    model, clip, _vae = host.load_checkpoint(args.ckpt)
+    prompts = kb_nodes.read_prompts("\n".join(args.prompt or []), args.prompts_file or "")
+    stored = kb_nodes.parse_steps(args.stored_steps, args.steps)
+
+    def progress(done, total):
+        print(f"\r{done}/{total} prompts", end="", flush=True)
+
+    m = kb_nodes.build_kb(model, clip, Path(args.out), prompts, args.negative, args.sampler, args.scheduler, args.steps,
+                          args.cfg, args.width, args.height, args.batch_size, args.seed_mode, args.seed, stored, progress)
+    print(f"\nKB {args.out}: {m.count} entries")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m kb_tools", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="sample prompts into a KB (needs the bootstrap's ComfyUI)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. models/redi_demo_shapes.safetensors)")
+    p.add_argument("--out", required=True, help="KB folder to create, continue or extend")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--negative", default="")
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed-mode", choices=["fixed", "range"], default="fixed")
+    p.add_argument("--seed", type=int, default=1024)
+    p.add_argument("--stored-steps", default="3,4,5,6,8,10,12,14")
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("inspect", help="fingerprint, size and sample prompts")
+    p.add_argument("kb")
+    p.add_argument("--samples", type=int, default=5)
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("validate", help="check every file and checksum")
+    p.add_argument("kb")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("merge", help="merge compatible KBs into a new one")
+    p.add_argument("out")
+    p.add_argument("sources", nargs="+")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("query", help="nearest neighbours of an entry or a latent")
+    p.add_argument("kb")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--space", choices=["latent", "denoised"], default="latent")
+    p.add_argument("--entry", type=int, default=0)
+    p.add_argument("--latent", help="safetensors file holding a tensor named 'latent'")
+    p.add_argument("-n", type=int, default=5)
+    p.set_defaults(func=cmd_query)
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except KBError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from kb_tools import builder
+from kb_tools.errors import KBError
+from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.redi_loop import KeyState, ReDiParams, retrieve, summary_lines
+
+from .kb_fixtures import SHAPE, fake_run_batch, fingerprint
+
+PROMPTS = [f"p{i}" for i in range(10)]
+
+
+@pytest.fixture()
+def kb(tmp_path):
+    builder.build(tmp_path / "kb", fingerprint(), PROMPTS, 4, fake_run_batch())
+    return KnowledgeBase.load(tmp_path / "kb")
+
+
+def state_from(kb, ids, scale=1.0, step=2):
+    x = kb.x[step][ids] * scale
+    return KeyState(x=x, denoised=kb.d[step][ids] * scale, eps=np.ones_like(x))
+
+
+def test_query_equal_to_a_key_returns_its_value(kb):
+    ret = retrieve(kb, state_from(kb, [3, 7]), ReDiParams(2, 6, 1), sigma_v=1.0)
+    assert ret.accepted.all()
+    assert [r.neighbours[0] for r in ret.reports] == [3, 7]
+    np.testing.assert_allclose(ret.x_v, kb.x[6][[3, 7]], atol=1e-5)
+
+
+def test_scaled_query_rescales_value(kb):
+    ret = retrieve(kb, state_from(kb, [5], scale=2.0), ReDiParams(2, 6, 1), sigma_v=1.0)
+    assert ret.reports[0].weights[0] == pytest.approx(2.0, rel=1e-5)
+    np.testing.assert_allclose(ret.x_v[0], 2.0 * kb.x[6][5], atol=1e-4)
+
+
+def test_denoised_space_renoises_with_query_noise(kb):
+    st = state_from(kb, [1])
+    ret = retrieve(kb, st, ReDiParams(2, 6, 1, key_space="denoised"), sigma_v=0.5)
+    np.testing.assert_allclose(ret.x_v[0], kb.d[6][1] + 0.5 * st.eps[0], atol=1e-5)
+
+
+def test_combination_of_neighbours(kb):
+    keys = kb.keys("latent", 4)
+    q = (0.7 * keys[2] + 0.3 * keys[8]).reshape(1, *SHAPE)
+    ret = retrieve(kb, KeyState(q, q, q), ReDiParams(4, 6, neighbours=10), sigma_v=1.0)
+    r = ret.reports[0]
+    assert r.residual < 1e-5
+    expected = 0.7 * kb.x[6][2] + 0.3 * kb.x[6][8]
+    np.testing.assert_allclose(ret.x_v[0], expected, atol=1e-4)
+
+
+def test_guard_falls_back(kb):
+    far = KeyState(np.full((1, *SHAPE), 50.0, np.float32), np.zeros((1, *SHAPE), np.float32), np.zeros((1, *SHAPE), np.float32))
+    ret = retrieve(kb, far, ReDiParams(2, 6, 1, max_key_distance=0.5), sigma_v=1.0)
+    assert not ret.accepted[0] and "nearest key" in ret.reports[0].reason
+    assert any("full sampling" in ln for ln in summary_lines(ret, ReDiParams(2, 6, 1), 10))
+
+
+@pytest.mark.parametrize(
+    ("k", "v", "match"),
+    [(6, 6, "key step"), (6, 4, "key step"), (2, 11, "<= steps"), (0, 4, "1 <= key step"), (3, 6, "key step 3 is not stored"), (2, 5, "value step 5 is not stored")],
+)
+def test_bad_steps_refused(kb, k, v, match):
+    with pytest.raises(KBError, match=match):
+        retrieve(kb, state_from(kb, [0]), ReDiParams(k, v, 1), sigma_v=1.0)
+
+
+def test_wrong_latent_shape_refused(kb):
+    bad = np.zeros((1, 4, 3, 3), np.float32)
+    with pytest.raises(KBError, match="latent shape"):
+        retrieve(kb, KeyState(bad, bad, bad), ReDiParams(2, 6, 1), sigma_v=1.0)
