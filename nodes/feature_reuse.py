@@ -1,0 +1,128 @@
+"""ReDi FeatureReuse: FRDiff as a model patcher (object patches + wrappers on a clone)."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+from comfy_api.latest import io
+
+from ..redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState
+
+WRAPPER_KEY = "redi_frdiff"
+PARTS = ("input", "middle", "output")
+
+
+def _parts(text: str) -> set[str]:
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    bad = parts - set(PARTS)
+    if bad or not parts:
+        raise ValueError(f"parts must be a comma-separated subset of {', '.join(PARTS)}, not {text!r}")
+    return parts
+
+
+def find_blocks(diffusion_model, kinds: str, parts: set[str]) -> list[tuple[str, str, object]]:
+    """(kind, path, module) of every reusable block of a UNet."""
+    out = []
+    for path, mod in diffusion_model.named_modules():
+        part = path.split("_", 1)[0]
+        if part not in parts:
+            continue
+        if isinstance(mod, ResBlock) and kinds in ("all", "resblocks") and not mod.updown:
+            out.append(("resblock", path, mod))
+        elif isinstance(mod, SpatialTransformer) and kinds in ("all", "transformers"):
+            out.append(("transformer", path, mod))
+    return out
+
+
+def _transformer_handler(layer, x, emb, context, transformer_options, *args):
+    out = layer.run(x, context, transformer_options)
+    if "transformer_index" in transformer_options:
+        transformer_options["transformer_index"] += 1
+    return out
+
+
+class _Wrappers:
+    def __init__(self, state: FRDiffState, model_sampling) -> None:
+        self.state = state
+        self.t_max = float(model_sampling.timestep(model_sampling.sigma_max))
+        self.model_sampling = model_sampling
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self.state.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            c, st = self.state.calls, self.state
+            total = sum(c.values())
+            if total:
+                logging.info(
+                    "[ReDi FeatureReuse] %d UNet calls: %d keyframes, %d with reused blocks, %d jumps (no network call); blocks reused %s",
+                    total, c["key"], c["reuse"], c["jump"], dict(st.skipped),
+                )
+            self.state.blocks.clear()
+            self.state.scores.clear()
+
+    def diffusion_model(self, executor, x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
+        sigma = transformer_options["sigmas"].flatten()[0]
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        step = int((sample_sigmas > sigma + 1e-6).sum().item()) - 1 if sample_sigmas is not None else 0
+        r = 1.0 - float(self.model_sampling.timestep(sigma)) / max(self.t_max, 1e-8)
+        key = (tuple(transformer_options.get("cond_or_uncond", ())), tuple(x.shape), x.dtype, x.device)
+        if self.state.begin_call(max(step, 0), r, key) == "jump":
+            return self.state.scores[key].clone()
+        out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return self.state.end_call(out)
+
+
+class ReDiFeatureReuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ReDiFeatureReuse",
+            display_name="ReDi FeatureReuse (FRDiff)",
+            category="ReDi/model patches",
+            description="Training-free speed-up (FRDiff): between keyframe steps, UNet blocks reuse their cached features "
+            "and the score is mixed with the last keyframe's. Works on SD1.x/SDXL UNets; interval 1 returns the model unchanged.",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Int.Input("interval", default=2, min=1, max=10, tooltip="Every interval-th step is a full keyframe; the steps between reuse. Larger is faster and drifts more. 1 disables reuse (the model is returned unchanged)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse may begin; earlier steps are all keyframes."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse ends; later steps are all keyframes (for example 0.9 keeps the last details exact)."),
+                io.Combo.Input("blocks", options=["all", "resblocks", "transformers"], default="all", tooltip="Block kinds that reuse features: ResBlocks skip only their first convolution; transformers skip attention and MLPs (the larger saving)."),
+                io.String.Input("parts", default="input,middle,output", tooltip="UNet parts whose blocks reuse features (comma-separated subset of input, middle, output). Fewer parts: closer to the full result, less speed-up."),
+                io.Boolean.Input("score_mixing", default=True, tooltip="Mix each reuse step's score with the last keyframe's by lambda(t). Early steps then skip the network entirely (faster, keeps the layout); late steps use reuse (keeps detail). Off: pure feature reuse."),
+                io.Float.Input("mix_bias", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Progress where lambda(t) switches from the keyframe score to the reuse score. Higher: more steps skip the network (faster, softer detail)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model (the input model is not changed).")],
+        )
+
+    @classmethod
+    def execute(cls, model, interval, start_percent, end_percent, blocks, parts, score_mixing, mix_bias) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        part_set = _parts(parts)
+        config = FRDiffConfig(interval, start_percent, end_percent, score_mixing, mix_bias)
+        if config.neutral:
+            return io.NodeOutput(model)
+        diffusion_model = model.get_model_object("diffusion_model")
+        found = find_blocks(diffusion_model, blocks, part_set)
+        if not found:
+            raise ValueError(
+                f"FeatureReuse found no UNet ResBlocks or spatial transformers in {type(diffusion_model).__name__}; "
+                "it supports UNet models (SD1.x, SD2.x, SDXL)"
+            )
+        m = model.clone()
+        state = FRDiffState(config)
+        for kind, path, mod in found:
+            if kind == "resblock":
+                m.add_object_patch(f"diffusion_model.{path}.in_layers", CachedFirstConv(mod.in_layers, state, path))
+            else:
+                m.add_object_patch(f"diffusion_model.{path}", CachedTransformer(mod, state, path))
+        m.set_model_forward_timestep_embed_patch((CachedTransformer, _transformer_handler))
+        wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)
+        return io.NodeOutput(m)

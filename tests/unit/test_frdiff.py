@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, keyframe_schedule, mix_lambda
+
+
+def test_lambda_is_frdiffs_hard_sigmoid():
+    assert mix_lambda(0.0) == 0.0
+    assert mix_lambda(0.433) == 0.0
+    assert mix_lambda(0.5) == pytest.approx(0.5)
+    assert mix_lambda(0.567) == pytest.approx(1.0, abs=0.01)
+    assert mix_lambda(1.0) == 1.0
+    assert mix_lambda(0.6, bias=0.7) == 0.0  # the bias moves the switch later
+
+
+def test_keyframe_schedule():
+    assert keyframe_schedule(6, 2) == [True, False, True, False, True, False]
+    assert keyframe_schedule(6, 3) == [True, False, False, True, False, False]
+    assert all(keyframe_schedule(5, 1))
+    # outside the window every step is a keyframe
+    assert keyframe_schedule(10, 2, 0.3, 0.8) == [True, True, True, False, True, False, True, False, True, True]
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.calls = 0
+
+    def forward(self, x, *args):
+        self.calls += 1
+        return self.lin(x) * 2
+
+
+def test_reuse_skips_exactly_the_non_keyframe_blocks():
+    state = FRDiffState(FRDiffConfig(interval=3, score_mixing=False))
+    inner_a, inner_b = Twice(), Twice()
+    conv, tr = CachedFirstConv(inner_a, state, "a"), CachedTransformer(inner_b, state, "b")
+    x = torch.randn(2, 3)
+    for step in range(9):
+        state.begin_call(step, step / 9, ("c",))
+        xs = x + step
+        out_conv = conv(xs)
+        out_tr = tr(xs)
+        state.end_call(out_conv)
+        if step % 3 == 0:
+            torch.testing.assert_close(out_conv, inner_a.lin(xs) * 2)
+            torch.testing.assert_close(out_tr, inner_b.lin(xs) * 2)
+        else:
+            kf = x + (step - step % 3)
+            torch.testing.assert_close(out_conv, inner_a.lin(kf) * 2)  # the cached output
+            torch.testing.assert_close(out_tr, inner_b.lin(kf) * 2 - kf + xs)  # cached inner + current residual
+    assert inner_a.calls == inner_b.calls == 3
+    assert state.skipped == {"resblock": 6, "transformer": 6}
+    assert state.computed == {"resblock": 3, "transformer": 3}
+
+
+def test_score_mixing_and_jump():
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=True))
+    key = torch.ones(1, 2)
+    state.begin_call(0, 0.0, ("c",))
+    state.end_call(key)
+    assert state.begin_call(1, 0.1, ("c",)) == "jump"  # lambda 0: no network call needed
+    assert state.begin_call(1, 0.9, ("c",)) == "reuse"
+    state.lam = 0.25
+    torch.testing.assert_close(state.end_call(torch.zeros(1, 2)), 0.75 * key)
+
+
+def test_cache_reset_and_shape_change():
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=False))
+    inner = Twice()
+    conv = CachedFirstConv(inner, state, "a")
+    state.begin_call(0, 0.0, ("c",))
+    conv(torch.randn(2, 3))
+    state.end_call(torch.zeros(2, 3))
+    state.begin_call(1, 0.5, ("c",))
+    conv(torch.randn(4, 3))  # another batch size: computed, not reused
+    assert inner.calls == 2 and not state.skipped
+    state.reset()
+    assert not state.blocks and not state.scores
+    assert state.begin_call(1, 0.5, ("c",)) == "key"  # nothing cached: a keyframe
+
+
+def test_wrappers_forward_attribute_lookups():
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    w = CachedFirstConv(inner, FRDiffState(FRDiffConfig()), "s")
+    assert w[0] is inner[0]
+    assert list(w.parameters()) == []  # not registered twice
