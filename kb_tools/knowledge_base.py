@@ -51,6 +51,10 @@ class KnowledgeBase:
                 raise KBError(f"knowledge base {path.name} holds NaN or infinite latents at step {s}; rebuild it")
         return cls(path, fp, entries, x, d)
 
+    def subset(self, n: int) -> KnowledgeBase:
+        """The first `n` entries as an in-memory KB (for size sweeps)."""
+        return KnowledgeBase(self.path, self.fingerprint, self.entries[:n], {s: v[:n] for s, v in self.x.items()}, {s: v[:n] for s, v in self.d.items()})
+
     def keys(self, space: str, step: int) -> np.ndarray:
         self.require_step(step, "key")
         if space not in KEY_SPACES:

@@ -85,10 +85,35 @@ def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
     return g
 
 
+def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    g = demo_txt2img(prompt, seed)
+    g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
+        "model": ["1", 0], "interval": 2, "start_percent": 0.0, "end_percent": 1.0, "blocks": "all",
+        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.5}}
+    g["5"]["inputs"]["model"] = ["14", 0]
+    g["9"]["inputs"]["filename_prefix"] = "feature_reuse"
+    return g
+
+
+STYLE_PROMPT = "a large blue square at the center on a white background, in striped style"
+
+
+def stylize(prompt: str = STYLE_PROMPT, seed: int = 1024, prompts: str | None = None) -> dict:
+    g = redi_ksampler(prompt, seed, prompts)
+    del g["2"]
+    g["15"] = {"class_type": "ReDiStyleSplit", "inputs": {"clip": ["1", 1], "prompt": prompt, "separator": "", "extra_patterns": ""}}
+    g["7"]["inputs"]["positive"] = ["15", 3]
+    g["7"]["inputs"]["content_positive"] = ["15", 2]
+    g["9"]["inputs"]["filename_prefix"] = "stylize"
+    return g
+
+
 # name -> builder; the integration tests run them in this order (the KB is built first)
 EXAMPLES = {
     "demo_txt2img": demo_txt2img,
     "redi_build_kb": redi_build_kb,
     "redi_ksampler": redi_ksampler,
     "redi_sampler_custom": redi_sampler_custom,
+    "feature_reuse": feature_reuse,
+    "stylize": stylize,
 }

@@ -1,0 +1,100 @@
+"""ReDi nodes through the real server: NFE counts, reports, and clear errors on bad input."""
+
+import copy
+import json
+
+import pytest
+
+from redi_demo import workflows
+
+pytestmark = pytest.mark.integration
+
+
+def _report(entry: dict) -> list[str]:
+    return [ln for out in entry["outputs"].values() for ln in out.get("redi_report", [])]
+
+
+@pytest.fixture(scope="module")
+def built(server):
+    entry = server.run(workflows.redi_build_kb())
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    return entry
+
+
+def test_redi_nfe_is_key_phase_plus_finish(server, built):
+    entry = server.run(workflows.redi_ksampler(seed=1024))
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    lines = _report(entry)
+    calls = [ln for ln in lines if ln.startswith("UNet calls:")]
+    # euler, cfg > 1 with cond and uncond batched: one call per step; k=4, v=10 of 20 steps
+    k, v = workflows.REDI_OPTS["key_step"], workflows.REDI_OPTS["value_step"]
+    assert calls and calls[0].split()[2] == str(k + workflows.STEPS - v), lines
+    assert any("skipped 6 of 20 steps" in ln for ln in lines), lines
+
+
+def _expect_error(server, graph: dict, *needles: str) -> str:
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "error"
+    err = server.error_of(entry)
+    msg = err["exception_message"]
+    for n in needles:
+        assert n in msg, msg
+    assert server.get("/system_stats")  # the server is still up
+    return msg
+
+
+def test_mismatched_steps_and_cfg_refused_with_fix(server, built):
+    g = workflows.redi_ksampler()
+    g["7"]["inputs"]["steps"] = 25
+    g["7"]["inputs"]["cfg"] = 4.0
+    _expect_error(server, g, "steps: set to 25, the KB was built with 20; use 20", "cfg: set to 4.0")
+
+
+def test_wrong_size_refused(server, built):
+    g = workflows.redi_ksampler()
+    g["4"]["inputs"]["width"] = 128
+    _expect_error(server, g, "size: the latent is [4, 8, 16]", "64x64 image")
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [(10, 10, "key step (10) < value step (10)"), (4, 9, "value step 9 is not stored")])
+def test_out_of_range_steps_refused(server, built, key, value, needle):
+    g = workflows.redi_ksampler()
+    g["7"]["inputs"]["key_step"] = key
+    g["7"]["inputs"]["value_step"] = value
+    _expect_error(server, g, needle)
+
+
+def test_corrupt_kb_refused_by_loader(server, built):
+    kb_dir = server.kb_dir / workflows.KB_NAME
+    bad = server.kb_dir / "corrupt_kb"
+    bad.mkdir(exist_ok=True)
+    for f in kb_dir.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.name == "shard_00001.safetensors" else data)
+    g = workflows.redi_sampler_custom()
+    g["6"]["inputs"]["kb_name"] = "corrupt_kb"
+    _expect_error(server, g, "shard_00001.safetensors", "rebuild")
+
+
+def test_bad_stored_steps_refused_and_nothing_written(server):
+    g = workflows.redi_build_kb()
+    g["6"]["inputs"]["stored_steps"] = "4,25"
+    g["6"]["inputs"]["kb_name"] = "never_written"
+    _expect_error(server, g, "outside 1..20")
+    assert not (server.kb_dir / "never_written").exists()
+
+
+def test_style_split_reports_the_split(server, built):
+    entry = server.run(workflows.stylize())
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    lines = _report(entry)
+    assert "style: in striped style" in lines, lines
+    assert "content: a large blue square at the center on a white background" in lines, lines
+
+
+def test_feature_reuse_runs_and_differs_from_full(server):
+    full = server.run(workflows.demo_txt2img(seed=7))
+    g = copy.deepcopy(workflows.feature_reuse(seed=7))
+    fr = server.run(g)
+    assert full["status"]["status_str"] == fr["status"]["status_str"] == "success", json.dumps(server.error_of(fr))
+    assert "[ReDi FeatureReuse]" in server.log()
