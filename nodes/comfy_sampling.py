@@ -63,7 +63,8 @@ class _Recorder:
             self.preview(step, x0, x, self.total)
 
 
-def _sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_out, start, last, seed, rec, force_full):
+def sample_range(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_out, start, last, seed, rec, force_full):
+    """The stock sampler over steps [start, last) of a `steps`-step schedule (ComfyUI latent space)."""
     return comfy.sample.sample(
         model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_out,
         denoise=1.0, disable_noise=start > 0, start_step=start, last_step=last,
@@ -90,7 +91,7 @@ class Phases:
         """Full run; returns {s: x after s steps} and {s: denoised at step s-1}, as numpy."""
         xs, ds = {}, {}
         rec = _Recorder(0, self.steps, self.preview, xs, ds)
-        out = _sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
+        out = sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
                       positive, self.negative, latent, 0, self.steps, seed, rec, True)
         xs[self.steps] = self.to_model(out.float().cpu())
         return ({s: xs[s].numpy() for s in stored}, {s: ds[s - 1].numpy() for s in stored})
@@ -99,7 +100,7 @@ class Phases:
         """The first k steps; `noise` as comfy.sample.prepare_noise makes it."""
         xs, ds = {}, {}
         rec = _Recorder(0, self.steps, self.preview, xs, ds)
-        out = _sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
+        out = sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
                       positive, self.negative, latent, 0, k, seed, rec, False)
         sigma = float(self.sigmas[k - 1])
         eps = (xs[k - 1] - ds[k - 1]) / max(sigma, 1e-8)
@@ -110,7 +111,7 @@ class Phases:
         rec = _Recorder(start, self.steps, self.preview, {}, {})
         x = self.to_out(torch.from_numpy(np.ascontiguousarray(x_model)))
         noise = torch.zeros_like(x)
-        return _sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
+        return sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
                        positive, self.negative, x, start, self.steps, seed, rec, True)
 
 

@@ -83,7 +83,7 @@ class Bench:
 
     def full(self, steps: int, sampler: str = SAMPLER):
         def run(m, cond, latent, noise):
-            return self.cs._sample(m, noise, steps, CFG, sampler, SCHEDULER, cond, self.negative, latent, 0, steps, SEED, None, True)
+            return self.cs.sample_range(m, noise, steps, CFG, sampler, SCHEDULER, cond, self.negative, latent, 0, steps, SEED, None, True)
 
         return run
 
