@@ -111,11 +111,19 @@ class FRDiffState:
 
 
 class _Delegating(torch.nn.Module):
-    """Wraps a module without registering it, and forwards attribute lookups to it,
-    so weight patches (LoRA) addressed by the original module path still resolve."""
+    """Stands in for a module at the same path: it registers the wrapped module's own
+    children, parameters and buffers under their original names (the same objects), so
+    a model patcher that walks named_modules() still moves them between devices and
+    applies weight patches (LoRA) addressed by the original names."""
 
     def __init__(self, inner: torch.nn.Module, state: FRDiffState, slot: str) -> None:
         super().__init__()
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        for name, param in inner.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in inner.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_state", state)
         object.__setattr__(self, "_slot", slot)

@@ -81,8 +81,15 @@ def test_cache_reset_and_shape_change():
     assert state.begin_call(1, 0.5, ("c",)) == "key"  # nothing cached: a keyframe
 
 
-def test_wrappers_forward_attribute_lookups():
-    inner = torch.nn.Sequential(torch.nn.Linear(2, 2))
+def test_wrappers_keep_the_original_module_names():
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.SiLU())
     w = CachedFirstConv(inner, FRDiffState(FRDiffConfig()), "s")
-    assert w[0] is inner[0]
-    assert list(w.parameters()) == []  # not registered twice
+    assert w[0] is inner[0] and getattr(w, "0") is inner[0]
+    assert [n for n, _ in w.named_parameters()] == [n for n, _ in inner.named_parameters()] == ["0.weight", "0.bias"]
+    parent = torch.nn.Module()
+    parent.add_module("in_layers", w)
+    assert [n for n, _ in parent.named_modules()] == ["", "in_layers", "in_layers.0", "in_layers.1"]
+    # a weight patch addressed by the original path reaches the module the wrapper calls
+    new = torch.nn.Parameter(torch.zeros(2, 2))
+    parent.in_layers.get_submodule("0").weight = new
+    assert inner[0].weight is new
