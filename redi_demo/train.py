@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=str(PACK_ROOT / ".cache" / "train"), help="resumable training state")
     ap.add_argument("--out", default=str(PACK_ROOT / "models" / "redi_demo_shapes.safetensors"))
     ap.add_argument("--ae-steps", type=int, default=1500)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pool", type=int, default=24576, help="dataset images encoded once for the UNet stage")
     ap.add_argument("--seed", type=int, default=0)

@@ -48,16 +48,25 @@ class Bench:
         self.ReDiParams, self.retrieve = ReDiParams, retrieve
         self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
         self.out, self.batch = out, batch
-        self.samples = dataset.random_samples(queries, 999)
-        self.prompts = [s.prompt() for s in self.samples]
         self.net = evaluator.load()
         real, _ = evaluator.real_images(max(queries, 1000), 31337)
         _, self.real_feats = evaluator.predict(self.net, real)
         neg = self.clip.encode_from_tokens(self.clip.tokenize(""), return_pooled=True)
         self.negative = [[neg[0], {}]]
-        self.conds = [self.kb_nodes.encode_batch(self.clip, self.prompts[i : i + batch]) for i in range(0, queries, batch)]
         self.rows: list[dict] = []
         self.refs: dict[str, np.ndarray] = {}
+        self.set_queries(dataset.random_samples(queries, 999))
+
+    def set_queries(self, samples: list) -> None:
+        """Query prompts; `key_conds` holds their content-only conditionings (Style Split's)."""
+        from redi_core.style_split import split_prompt
+
+        self.samples = samples
+        self.prompts = [s.prompt() for s in samples]
+        b = self.batch
+        self.conds = [self.kb_nodes.encode_batch(self.clip, self.prompts[i : i + b]) for i in range(0, len(samples), b)]
+        content = [split_prompt(p).content for p in self.prompts]
+        self.key_conds = [self.kb_nodes.encode_batch(self.clip, content[i : i + b]) for i in range(0, len(samples), b)]
 
     # --- generation -------------------------------------------------------------------
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
@@ -76,42 +85,44 @@ class Bench:
             latent = torch.zeros((n, 4, 8, 8))
             noise = self.cs.noise_for(latent, self._seeds(regime, i, n))
             t0 = time.perf_counter()
-            out = run(m, cond, latent, noise)
+            out = run(m, cond, latent, noise, self.key_conds[bi])
             wall += time.perf_counter() - t0
             imgs.append(self._decode(out))
         return np.concatenate(imgs), wall, counter.calls
 
     def full(self, steps: int, sampler: str = SAMPLER):
-        def run(m, cond, latent, noise):
+        def run(m, cond, latent, noise, _key_cond):
             return self.cs.sample_range(m, noise, steps, CFG, sampler, SCHEDULER, cond, self.negative, latent, 0, steps, SEED, None, True)
 
         return run
 
-    def redi(self, kb, k: int, v: int, h: int, space: str):
+    def redi(self, kb, k: int, v: int, h: int, space: str, content_key: bool = False):
         params = self.ReDiParams(k, v, h, space)
 
-        def run(m, cond, latent, noise):
+        def run(m, cond, latent, noise, key_cond):
             ph = self.cs.Phases(m, STEPS, CFG, SAMPLER, SCHEDULER, self.negative, preview=False)
-            state = ph.key_phase(cond, latent, noise, SEED, k)
+            state = ph.key_phase(key_cond if content_key else cond, latent, noise, SEED, k)
             ret = self.retrieve(kb, state, params, float(ph.sigmas[v]))
             return ph.finish(cond, ret.x_v, v, SEED)
 
         return run
 
     # --- scoring ----------------------------------------------------------------------
-    def record(self, group: str, name: str, imgs: np.ndarray, wall: float, nfe: int, regime: str, ref_key: str, **extra) -> dict:
+    def record(self, group: str, name: str, imgs: np.ndarray, wall: float, nfe: int, regime: str, ref_key: str,
+               base: dict | None = None, **extra) -> dict:
         acc = evaluator.accuracy(self.net, imgs, self.samples)
         _, feats = evaluator.predict(self.net, imgs)
         ref = self.refs.get(ref_key)
         row = {
             "group": group, "name": name, "regime": regime, "nfe": nfe, "wall_s": round(wall, 2),
             "acc_mean": float(np.mean(list(acc.values()))), **{f"acc_{k}": v for k, v in acc.items()},
+            "acc_content": float(np.mean([acc[k] for k in ("shape", "colour", "position", "size", "background")])),
             "frechet": evaluator.frechet_distance(feats, self.real_feats),
             "psnr": float(np.mean(evaluator.psnr(imgs, ref))) if ref is not None else float("nan"),
             "ssim": float(np.mean(evaluator.ssim(imgs, ref))) if ref is not None else float("nan"),
             **extra,
         }
-        base = next((r for r in self.rows if r["name"] == f"full {STEPS} steps" and r["regime"] == regime), row)
+        base = base or next((r for r in self.rows if r["name"] == f"full {STEPS} steps" and r["regime"] == regime), row)
         row["wall_ratio"] = row["wall_s"] / base["wall_s"]
         row["nfe_ratio"] = row["nfe"] / base["nfe"]
         self.rows.append(row)
@@ -119,11 +130,12 @@ class Bench:
               f"acc {row['acc_mean']:.3f} FD {row['frechet']:.3f} PSNR {row['psnr']:.1f} SSIM {row['ssim']:.3f}", flush=True)
         return row
 
-    def build_kb(self, name: str, n: int, seed_mode: str) -> object:
+    def build_kb(self, name: str, n: int, seed_mode: str, plain: bool = False) -> object:
         from kb_tools.knowledge_base import KnowledgeBase
 
         path = self.out / "kb" / name
-        prompts = [s.prompt() for s in dataset.random_samples(n, 12345)]
+        styles = ("plain",) if plain else dataset.STYLES
+        prompts = [s.prompt() for s in dataset.random_samples(n, 12345, styles=styles)]
         t0 = time.perf_counter()
         self.kb_nodes.build_kb(self.model, self.clip, path, prompts, "", SAMPLER, SCHEDULER, STEPS, CFG, 64, 64, 64,
                                seed_mode, SEED, (3, 4, 5, 6, 8, 10, 12, 14), progress=lambda d, t: None)
@@ -185,6 +197,22 @@ def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
     return rows
 
 
+def picture_grid(columns: list[np.ndarray], titles: list[str], prompts: list[str], path: Path, scale: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    s = dataset.IMAGE_SIZE * scale
+    w, h = len(columns) * (s + 8) + 380, 24 + len(prompts) * (s + 8)
+    fig = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(fig)
+    for c, (col, title) in enumerate(zip(columns, titles)):
+        d.text((8 + c * (s + 8), 6), title, fill="black")
+        for r in range(len(prompts)):
+            fig.paste(Image.fromarray(col[r]).resize((s, s), Image.NEAREST), (8 + c * (s + 8), 24 + r * (s + 8)))
+    for r, p in enumerate(prompts):
+        d.text((16 + len(columns) * (s + 8), 24 + r * (s + 8) + s // 2 - 6), p[:60], fill="black")
+    fig.save(path)
+
+
 def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -195,7 +223,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     colours = {"baseline": "black", "fewer steps": "tab:gray", "ReDi": "tab:blue", "ReDi KB size": "tab:cyan",
                "ReDi seeds": "tab:purple", "FeatureReuse": "tab:orange", "EasyCache": "tab:green", "ReDi+FR": "tab:red"}
     for r in rows:
-        if r["regime"] != "same":
+        if r["regime"] != "same" or r["group"] == "stylize":
             continue
         ax.scatter(r["wall_ratio"], r["frechet"], color=colours.get(r["group"], "k"), s=30)
         ax.annotate(r["name"], (r["wall_ratio"], r["frechet"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
@@ -210,12 +238,12 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| group | setting | queries' seeds | UNet calls (x full) | wall (x full) | acc mean | shape | colour | position | style | Frechet | PSNR | SSIM |"
-    lines = [head, "|" + "---|" * 13]
+    head = "| group | setting | queries' seeds | UNet calls (x full) | wall (x full) | acc mean | content | shape | colour | position | style | Frechet | PSNR | SSIM |"
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['group']} | {r['name']} | {r['regime']} | {r['nfe']} ({r['nfe_ratio']:.2f}) | {r['wall_ratio']:.2f} | "
-            f"{r['acc_mean']:.3f} | {r['acc_shape']:.3f} | {r['acc_colour']:.3f} | {r['acc_position']:.3f} | {r['acc_style']:.3f} | "
+            f"{r['acc_mean']:.3f} | {r['acc_content']:.3f} | {r['acc_shape']:.3f} | {r['acc_colour']:.3f} | {r['acc_position']:.3f} | {r['acc_style']:.3f} | "
             f"{r['frechet']:.3f} | {r['psnr']:.1f} | {r['ssim']:.3f} |"
         )
     return "\n".join(lines)
@@ -226,19 +254,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "out" / "bench"))
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--kb-size", type=int, default=10000)
+    ap.add_argument("--range-kb-size", type=int, default=2000)
+    ap.add_argument("--style-kb", type=int, default=1000, help="content-only KB for the stylization rows")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="200 queries, KB of 1000: a smoke run")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
-        args.queries, args.kb_size = 200, 1000
+        args.queries, args.kb_size, args.range_kb_size, args.style_kb = 100, 300, 200, 200
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(out, args.queries, args.batch)
     kb = b.build_kb(f"fixed_{args.kb_size}", args.kb_size, "fixed")
-    kb_range = b.build_kb(f"range_{min(args.kb_size, 2000)}", min(args.kb_size, 2000), "range")
+    kb_range = b.build_kb(f"range_{args.range_kb_size}", args.range_kb_size, "range")
     print(f"\n{len(b.prompts)} queries; machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n")
 
     for regime in ("same", "new"):
@@ -277,6 +307,24 @@ def main() -> None:
     imgs, wall, nfe = b.generate(b.redi(kb, 4, 10, 1, "latent"), "same", model=m)
     b.record("ReDi+FR", "ReDi k=4 v=10 + FR interval 2", imgs, wall, nfe, "same", "same")
 
+    # zero-shot stylization: a KB of content-only prompts serves prompts with styles it never saw
+    style_kb = b.build_kb(f"content_only_{args.style_kb}", args.style_kb, "fixed", plain=True)
+    b.set_queries(dataset.random_samples(args.queries, 4321, styles=dataset.STYLES[1:]))
+    imgs, wall, nfe = b.generate(b.full(STEPS), "same")
+    b.refs["style"] = imgs
+    style_rows = []
+    style_rows.append(b.record("stylize", f"(a) full {STEPS} steps, full prompt", imgs, wall, nfe, "same", "style"))
+    style_imgs = [imgs[:6]]
+    for label, content_key in (("(b) ReDi k=4 v=10 + Style Split (content key)", True), ("(c) ReDi k=4 v=10, full prompt for the key", False)):
+        imgs, wall, nfe = b.generate(b.redi(style_kb, 4, 10, 1, "latent", content_key=content_key), "same")
+        style_rows.append(b.record("stylize", label, imgs, wall, nfe, "same", "style", base=style_rows[0]))
+        style_imgs.append(imgs[:6])
+    imgs, wall, nfe = b.generate(b.full(14), "same")
+    style_rows.append(b.record("stylize", "(d) euler 14 steps (same NFE as ReDi)", imgs, wall, nfe, "same", "style", base=style_rows[0]))
+    style_imgs.append(imgs[:6])
+    picture_grid(style_imgs, ["(a) full", "(b) ReDi + Style Split", "(c) ReDi, full-prompt key", "(d) 14 steps"],
+                 b.prompts[:6], out / "stylize_grid.png")
+
     faiss_rows = faiss_timing(kb)
     speed_rows = sd15_speed(b.fr)
     md = [table(b.rows), "", "faiss query time (exact L2, latent keys of 256 floats):", "",
@@ -291,7 +339,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"rows": b.rows, "faiss": faiss_rows, "sd15_speed": speed_rows,
                                                   "machine": platform.platform(), "threads": torch.get_num_threads()}, indent=1))
     write_plot(b.rows, out / "cost_quality.png")
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'cost_quality.png'}")
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'cost_quality.png'}, {out / 'stylize_grid.png'}")
 
 
 if __name__ == "__main__":

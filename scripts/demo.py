@@ -67,7 +67,7 @@ def figure(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, scale: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "out" / "demo"))
-    ap.add_argument("--kb-prompts", type=int, default=256, help="trajectories in the demo KB")
+    ap.add_argument("--kb-prompts", type=int, default=128, help="trajectories in the demo KB")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,39 @@ def test_composes_with_freeu(env):
     freeu = FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
     out = run(patch(freeu))
     assert torch.isfinite(out).all() and not torch.allclose(out, run(patch(model)))
+
+
+def test_small_sdxl_architecture(env):
+    """An SDXL-architecture UNet (linear transformer projections, depth-2 transformers,
+    ADM size conditioning) built at small scale from ComfyUI's own SDXL config."""
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    _, _, patch = env
+    cfg = comfy.supported_models.SDXL({
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "num_res_blocks": [2, 2], "transformer_depth": [0, 0, 2, 2], "transformer_depth_output": [0, 0, 0, 2, 2, 2],
+        "channel_mult": [1, 2], "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    })
+    cfg.unet_config["num_head_channels"] = 16
+    torch.manual_seed(0)
+    base = cfg.get_model({})
+    for mod in base.diffusion_model.modules():
+        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(mod, cls):
+                cls.reset_parameters(mod)
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    cond = [[torch.randn(1, 77, 64) * 0.1, {"pooled_output": torch.randn(1, 1280) * 0.1}]]
+    lat = torch.zeros(1, 4, 8, 8)
+
+    def run(m):
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 6, 5.0, "euler", "normal", cond, cond, lat, disable_pbar=True)
+
+    full = run(model)
+    patched = patch(model, mixing=False)
+    out = run(patched)
+    assert torch.isfinite(out).all() and not torch.equal(out, full)
+    assert torch.equal(run(model), full)

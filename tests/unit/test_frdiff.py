@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, keyframe_schedule, mix_lambda
+from redi_core.frdiff import (
+    CachedFirstConv,
+    CachedTransformer,
+    FRDiffConfig,
+    FRDiffState,
+    keyframe_schedule,
+    mix_lambda,
+)
 
 
 def test_lambda_is_frdiffs_hard_sigmoid():
