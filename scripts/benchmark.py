@@ -69,6 +69,7 @@ class Bench:
         self.key_conds = [self.kb_nodes.encode_batch(self.clip, content[i : i + b]) for i in range(0, len(samples), b)]
 
     # --- generation -------------------------------------------------------------------
+    @torch.no_grad()
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
         return (self.vae.decode(latent).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
