@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.sampler_helpers
 import comfy.samplers
 import numpy as np
 import torch
@@ -18,9 +19,10 @@ from .redi_ksampler import redi_inputs
 class ReDiSamplerImpl(comfy.samplers.Sampler):
     """Wraps a stock sampler: key phase on sigmas[:k+1], retrieval, finish on sigmas[v:]."""
 
-    def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual):
+    def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, content=None):
         self.inner_name = sampler_name
         self.kb = kb
+        self.content = content
         self.opts = (key_step, value_step, neighbours, key_space, max_key_distance, max_residual)
         self.last_report: list[str] = []
 
@@ -48,7 +50,17 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
             if callback is not None:
                 callback(i, x0, x, steps)
 
-        x_k = inner.sample(model_wrap, sigmas[: k + 1], extra_args, key_cb, noise, latent_image, denoise_mask, disable_pbar)
+        saved_conds = model_wrap.conds
+        if self.content is not None:
+            # the key phase runs under the content-only conditioning (zero-shot stylization)
+            content = {"positive": comfy.sampler_helpers.convert_cond(self.content),
+                       "negative": [c.copy() for c in model_wrap.original_conds.get("negative", [])]}
+            model_wrap.conds = comfy.samplers.process_conds(model_wrap.inner_model, noise, content, patcher.load_device,
+                                                            latent_image, denoise_mask, extra_args.get("seed"))
+        try:
+            x_k = inner.sample(model_wrap, sigmas[: k + 1], extra_args, key_cb, noise, latent_image, denoise_mask, disable_pbar)
+        finally:
+            model_wrap.conds = saved_conds
         eps = (xs[k - 1] - ds[k - 1]) / max(float(sigmas[k - 1]), 1e-8)
         state = KeyState(x_k.float().cpu().numpy(), ds[k - 1].numpy(), eps.numpy())
         ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]))
@@ -83,11 +95,14 @@ class ReDiSampler(io.ComfyNode):
             inputs=[
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="Stock sampler for both phases; must equal the KB's."),
                 *redi_inputs(),
+                io.Conditioning.Input("content_positive", optional=True, tooltip="Optional content-only conditioning (from ReDi Style Split) for the first k steps and the retrieval; the guider's conditioning drives the rest (zero-shot stylization)."),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's sampler input.")],
         )
 
     @classmethod
-    def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual) -> io.NodeOutput:
+    def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
+                content_positive=None) -> io.NodeOutput:
         ReDiParams(key_step, value_step, neighbours, "latent").validate(kb.fingerprint.steps, kb)
-        return io.NodeOutput(ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual))
+        return io.NodeOutput(ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
+                                             max_residual, content_positive))

@@ -114,3 +114,19 @@ def test_redi_with_other_samplers_and_cfg_one(server, sampler, cfg, calls_per_st
     # heun evaluates twice per step except the last step of each phase (which ends at sigma 0 only in the finish)
     expected = {1: k + workflows.STEPS - v, 2: 2 * k + 2 * (workflows.STEPS - v) - 1}[calls_per_step]
     assert int(calls.split()[2]) == expected, calls
+
+
+def test_redi_sampler_uses_content_conditioning_for_the_key(server, built):
+    plain = workflows.redi_sampler_custom(prompt=workflows.STYLE_PROMPT)
+    styled = workflows.redi_sampler_custom(prompt=workflows.STYLE_PROMPT)
+    styled["15"] = {"class_type": "ReDiStyleSplit", "inputs": {"clip": ["1", 1], "prompt": workflows.STYLE_PROMPT, "separator": "", "extra_patterns": ""}}
+    styled["7"]["inputs"]["content_positive"] = ["15", 2]
+    styled["11"]["inputs"]["positive"] = ["15", 3]
+    images = []
+    for g in (plain, styled):
+        entry = server.run(g)
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+        img = next(im for out in entry["outputs"].values() for im in out.get("images", []))
+        images.append((server.output_dir / img["subfolder"] / img["filename"]).read_bytes())
+    assert images[0] != images[1], "the content conditioning did not change the key phase"
+    assert "[ReDi Sampler]" in server.log()
