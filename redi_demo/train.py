@@ -28,7 +28,7 @@ from redi_demo import dataset
 from redi_demo.host import PACK_ROOT, load_comfy
 
 
-def _init_weights(module: torch.nn.Module) -> None:
+def init_weights(module: torch.nn.Module) -> None:
     """ComfyUI's ops layers skip init; give every layer torch's default init."""
     for m in module.modules():
         for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm):
@@ -79,7 +79,7 @@ def train_ae(work: Path, steps: int, seed: int, log_every: int):
 
     torch.manual_seed(seed)
     ae = TAESD()
-    _init_weights(ae)
+    init_weights(ae)
     opt = torch.optim.Adam(list(ae.taesd_encoder.parameters()) + list(ae.taesd_decoder.parameters()), lr=1e-3)
     path = work / "ae.safetensors"
     step = _load_state(path, ae, opt)
@@ -168,8 +168,8 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
     cfg = model_config.new_config()
     base = cfg.get_model({})
     clip = cfg.clip_target().clip()
-    _init_weights(base.diffusion_model)
-    _init_weights(clip)
+    init_weights(base.diffusion_model)
+    init_weights(clip)
     clip.train()
     for p in clip.parameters():
         p.requires_grad_(True)

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from redi_demo import dataset, evaluator, host  # noqa: E402
+from redi_demo.train import init_weights  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
 SEED = 1024
@@ -174,10 +175,7 @@ def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
     })
     torch.manual_seed(0)
     base = cfg.get_model({})
-    for mod in base.diffusion_model.modules():
-        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
-            if isinstance(mod, cls):
-                cls.reset_parameters(mod)
+    init_weights(base.diffusion_model)
     patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     ctx = [[torch.randn(1, 77, 768) * 0.1, {}]]
     lat = torch.zeros(1, 4, size // 8, size // 8)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from redi_demo import host
+from redi_demo.train import init_weights
 
 pytestmark = pytest.mark.integration
 
@@ -95,10 +96,7 @@ def test_small_sdxl_architecture(env):
     cfg.unet_config["num_head_channels"] = 16
     torch.manual_seed(0)
     base = cfg.get_model({})
-    for mod in base.diffusion_model.modules():
-        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
-            if isinstance(mod, cls):
-                cls.reset_parameters(mod)
+    init_weights(base.diffusion_model)
     model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     cond = [[torch.randn(1, 77, 64) * 0.1, {"pooled_output": torch.randn(1, 1280) * 0.1}]]
     lat = torch.zeros(1, 4, 8, 8)
