@@ -25,12 +25,18 @@ def clean_prompts(prompts: list[str]) -> list[str]:
     return [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
 
 
+def incompatible(a: Fingerprint, b: Fingerprint) -> list[str]:
+    """Fingerprint fields that keep two builds or shards out of one KB."""
+    bad = a.mismatches(b, COMPAT_FIELDS)
+    if a.seed_mode == "fixed" and a.seed != b.seed:
+        bad.append("seed")
+    return bad
+
+
 def _open_or_create(kb_dir: Path, fp: Fingerprint) -> Manifest:
     if (kb_dir / kb_format.MANIFEST).is_file():
         manifest = kb_format.read_manifest(kb_dir)
-        bad = manifest.fingerprint.mismatches(fp, COMPAT_FIELDS)
-        if fp.seed_mode == "fixed" and manifest.fingerprint.seed != fp.seed:
-            bad.append("seed")
+        bad = incompatible(manifest.fingerprint, fp)
         if bad:
             diffs = ", ".join(f"{f}: KB has {getattr(manifest.fingerprint, f)!r}, request has {getattr(fp, f)!r}" for f in bad)
             raise KBError(f"KB {kb_dir.name} already exists with other settings ({diffs}); choose another KB name or match its settings")
@@ -115,9 +121,7 @@ def merge(out_dir: Path, sources: list[Path]) -> Manifest:
     kbs = [KnowledgeBase.load(s) for s in sources]
     fp0 = kbs[0].fingerprint
     for kb in kbs[1:]:
-        bad = kb.fingerprint.mismatches(fp0, COMPAT_FIELDS)
-        if fp0.seed_mode == "fixed" and kb.fingerprint.seed != fp0.seed:
-            bad.append("seed")
+        bad = incompatible(kb.fingerprint, fp0)
         if bad:
             raise KBError(f"cannot merge {kb.name} into {kbs[0].name}: they differ in {', '.join(bad)}")
     out_dir.mkdir(parents=True)

@@ -54,6 +54,11 @@ class KeyState:
     denoised: np.ndarray  # denoised estimate of the last evaluated step
     eps: np.ndarray  # the query's own noise estimate, (x_prev - denoised) / sigma_prev
 
+    @classmethod
+    def after_key_phase(cls, x: np.ndarray, x_prev: np.ndarray, denoised_prev: np.ndarray, sigma_prev: float) -> KeyState:
+        """From the latent after k steps and the last evaluated step (its input, estimate and sigma)."""
+        return cls(x, denoised_prev, (x_prev - denoised_prev) / max(float(sigma_prev), 1e-8))
+
 
 @dataclass
 class ItemReport:
@@ -71,6 +76,14 @@ class Retrieval:
     x_v: np.ndarray  # B x C x H x W start latents for accepted items (rows of rejected items are unused)
     accepted: np.ndarray  # B bools
     reports: list[ItemReport]
+
+    def starts(self, state: KeyState, params: ReDiParams):
+        """(start step, item indices, their start latents) for the finish phase: accepted items
+        continue from the value step with the blend, rejected ones from the key step."""
+        for start, mask, src in ((params.value_step, self.accepted, self.x_v), (params.key_step, ~self.accepted, state.x)):
+            idx = np.flatnonzero(mask)
+            if len(idx):
+                yield start, idx, src[idx]
 
 
 def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: float) -> Retrieval:

@@ -102,9 +102,7 @@ class Phases:
         rec = _Recorder(0, self.steps, self.preview, xs, ds)
         out = sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
                       positive, self.negative, latent, 0, k, seed, rec, False)
-        sigma = float(self.sigmas[k - 1])
-        eps = (xs[k - 1] - ds[k - 1]) / max(sigma, 1e-8)
-        return KeyState(self.to_model(out.float().cpu()).numpy(), ds[k - 1].numpy(), eps.numpy())
+        return KeyState.after_key_phase(self.to_model(out.float().cpu()).numpy(), xs[k - 1].numpy(), ds[k - 1].numpy(), self.sigmas[k - 1])
 
     def finish(self, positive, x_model: np.ndarray, start: int, seed: int) -> torch.Tensor:
         """Sample from `start` to the end; input in model space, output in ComfyUI's latent space."""

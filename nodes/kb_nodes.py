@@ -103,8 +103,6 @@ class ReDiKBBuilder(io.ComfyNode):
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
              seed_mode, seed, stored, progress=lambda done, total: None):
     """The one build path, for the node and for `python -m kb_tools build`."""
-    if not prompt_list:
-        raise KBError("no prompts given: enter one prompt per line (or a prompts file)")
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
     latent_channels = model.get_model_object("latent_format").latent_channels

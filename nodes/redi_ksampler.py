@@ -5,7 +5,6 @@ from __future__ import annotations
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -83,11 +82,8 @@ class ReDiKSampler(io.ComfyNode):
         key_calls = counter.calls
         ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]))
         out = torch.zeros(latent.shape)
-        for start, mask in ((params.value_step, ret.accepted), (params.key_step, ~ret.accepted)):
-            idx = np.flatnonzero(mask)
-            if len(idx):
-                src = ret.x_v if start == params.value_step else state.x
-                out[idx] = phases.finish(positive, src[idx], start, seed).float().cpu()
+        for start, idx, src in ret.starts(state, params):
+            out[idx] = phases.finish(positive, src, start, seed).float().cpu()
         full_calls = round(key_calls / params.key_step * steps)
         lines = summary_lines(ret, params, steps) + [f"UNet calls: {counter.calls} (a full run makes about {full_calls})"]
         result = dict(latent_image)

@@ -6,7 +6,6 @@ import logging
 
 import comfy.sampler_helpers
 import comfy.samplers
-import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -61,15 +60,11 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
             x_k = inner.sample(model_wrap, sigmas[: k + 1], extra_args, key_cb, noise, latent_image, denoise_mask, disable_pbar)
         finally:
             model_wrap.conds = saved_conds
-        eps = (xs[k - 1] - ds[k - 1]) / max(float(sigmas[k - 1]), 1e-8)
-        state = KeyState(x_k.float().cpu().numpy(), ds[k - 1].numpy(), eps.numpy())
+        state = KeyState.after_key_phase(x_k.float().cpu().numpy(), xs[k - 1].numpy(), ds[k - 1].numpy(), sigmas[k - 1])
         ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]))
         out = x_k.clone()
-        for start, mask in ((v, ret.accepted), (k, ~ret.accepted)):
-            idx = np.flatnonzero(mask)
-            if not len(idx):
-                continue
-            src = torch.from_numpy(ret.x_v[idx] if start == v else state.x[idx]).to(x_k)
+        for start, idx, start_latents in ret.starts(state, params):
+            src = torch.from_numpy(start_latents).to(x_k)
 
             def finish_cb(i, x0, x, _n, start=start):
                 if callback is not None:

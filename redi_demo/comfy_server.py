@@ -105,6 +105,14 @@ class ComfyServer:
             time.sleep(0.3)
         raise AssertionError(f"prompt {pid} did not finish within {timeout}s")
 
+    def images(self, entry: dict) -> list[Path]:
+        """Files of the images a finished prompt saved (its /history entry's outputs)."""
+        return [
+            self.output_dir / img.get("subfolder", "") / img["filename"]
+            for out in entry["outputs"].values()
+            for img in out.get("images", [])
+        ]
+
     @staticmethod
     def error_of(entry: dict) -> dict | None:
         for kind, data in entry["status"].get("messages", []):

@@ -105,7 +105,10 @@ class Bench:
             ph = self.cs.Phases(m, STEPS, CFG, SAMPLER, SCHEDULER, self.negative, preview=False)
             state = ph.key_phase(key_cond if content_key else cond, latent, noise, SEED, k)
             ret = self.retrieve(kb, state, params, float(ph.sigmas[v]))
-            return ph.finish(cond, ret.x_v, v, SEED)
+            out = torch.zeros(latent.shape)
+            for start, idx, src in ret.starts(state, params):
+                out[idx] = ph.finish(cond, src, start, SEED).float().cpu()
+            return out
 
         return run
 

@@ -44,8 +44,7 @@ def run_image(srv: ComfyServer, graph: dict) -> tuple[np.ndarray, float, list[st
     report = []
     for out in entry["outputs"].values():
         report += out.get("redi_report", [])
-    img = next(i for out in entry["outputs"].values() for i in out.get("images", []))
-    arr = np.asarray(Image.open(srv.output_dir / img.get("subfolder", "") / img["filename"]).convert("RGB"))
+    arr = np.asarray(Image.open(srv.images(entry)[0]).convert("RGB"))
     return arr, wall, report
 
 

@@ -18,8 +18,7 @@ def scores(server):
     for i, s in enumerate(samples):
         entry = server.run(workflows.demo_txt2img(s.prompt(), seed=100 + i))
         assert entry["status"]["status_str"] == "success", server.error_of(entry)
-        img = next(im for out in entry["outputs"].values() for im in out.get("images", []))
-        images.append(np.asarray(Image.open(server.output_dir / img["subfolder"] / img["filename"]).convert("RGB")))
+        images.append(np.asarray(Image.open(server.images(entry)[0]).convert("RGB")))
     return evaluator.accuracy(evaluator.load(), np.stack(images), samples)
 
 

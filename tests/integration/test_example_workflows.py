@@ -26,8 +26,8 @@ def test_example_workflow_runs(server, name):
     assert ui_to_api(ui, info) == api, "the UI file does not queue the same graph as the API file; run scripts/make_workflows.py"
     entry = server.run(api)
     assert entry["status"]["status_str"] == "success", json.dumps(server.error_of(entry), indent=1)[:4000]
-    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    images = server.images(entry)
     if any(n["class_type"] == "SaveImage" for n in api.values()):
         assert images, entry["outputs"]
-        for img in images:
-            assert (server.output_dir / img.get("subfolder", "") / img["filename"]).is_file()
+        for path in images:
+            assert path.is_file()

@@ -126,7 +126,6 @@ def test_redi_sampler_uses_content_conditioning_for_the_key(server, built):
     for g in (plain, styled):
         entry = server.run(g)
         assert entry["status"]["status_str"] == "success", server.error_of(entry)
-        img = next(im for out in entry["outputs"].values() for im in out.get("images", []))
-        images.append((server.output_dir / img["subfolder"] / img["filename"]).read_bytes())
+        images.append(server.images(entry)[0].read_bytes())
     assert images[0] != images[1], "the content conditioning did not change the key phase"
     assert "[ReDi Sampler]" in server.log()

@@ -71,3 +71,22 @@ def test_wrong_latent_shape_refused(kb):
     bad = np.zeros((1, 4, 3, 3), np.float32)
     with pytest.raises(KBError, match="latent shape"):
         retrieve(kb, KeyState(bad, bad, bad), ReDiParams(2, 6, 1), sigma_v=1.0)
+
+
+def test_after_key_phase_noise_estimate():
+    x_prev, den = np.full((1, *SHAPE), 3.0, np.float32), np.full((1, *SHAPE), 1.0, np.float32)
+    st = KeyState.after_key_phase(np.zeros((1, *SHAPE), np.float32), x_prev, den, 0.5)
+    np.testing.assert_allclose(st.eps, 4.0)
+    np.testing.assert_array_equal(st.denoised, den)
+
+
+def test_starts_split_accepted_and_rejected(kb):
+    far = np.full((1, *SHAPE), 50.0, np.float32)
+    near = kb.x[2][[4]]
+    x = np.concatenate([near, far])
+    params = ReDiParams(2, 6, 1, max_key_distance=0.5)
+    ret = retrieve(kb, KeyState(x, x, np.zeros_like(x)), params, sigma_v=1.0)
+    groups = {start: (idx.tolist(), src) for start, idx, src in ret.starts(KeyState(x, x, x), params)}
+    assert groups[6][0] == [0] and groups[2][0] == [1]
+    np.testing.assert_allclose(groups[6][1], kb.x[6][[4]], atol=1e-5)
+    np.testing.assert_array_equal(groups[2][1], far)
