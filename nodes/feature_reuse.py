@@ -9,7 +9,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from comfy_api.latest import io
 
-from ..redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState
+from ..redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, step_index
 
 WRAPPER_KEY = "redi_frdiff"
 PARTS = ("input", "middle", "output")
@@ -67,11 +67,10 @@ class _Wrappers:
 
     def diffusion_model(self, executor, x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
         sigma = transformer_options["sigmas"].flatten()[0]
-        sample_sigmas = transformer_options.get("sample_sigmas")
-        step = int((sample_sigmas > sigma + 1e-6).sum().item()) - 1 if sample_sigmas is not None else 0
+        step = step_index(transformer_options.get("sample_sigmas"), float(sigma))
         r = 1.0 - float(self.model_sampling.timestep(sigma)) / max(self.t_max, 1e-8)
         key = (tuple(transformer_options.get("cond_or_uncond", ())), tuple(x.shape), x.dtype, x.device)
-        if self.state.begin_call(max(step, 0), r, key) == "jump":
+        if self.state.begin_call(step, r, key) == "jump":
             return self.state.scores[key].clone()
         out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         return self.state.end_call(out)

@@ -23,9 +23,17 @@ def mix_lambda(r: float, bias: float = 0.5, slope: float = 30.0) -> float:
     return float(min(1.0, max(0.0, (slope * (r - bias) + 2.0) / 4.0)))
 
 
+def step_index(sample_sigmas: torch.Tensor | None, sigma: float) -> int:
+    """The index of the sampling step that evaluates the model at `sigma`: how many of the
+    run's sigmas lie above it (0 for the first step; 0 when the run's sigmas are unknown)."""
+    if sample_sigmas is None:
+        return 0
+    return int((sample_sigmas.float() > float(sigma) * (1.0 + 1e-5)).sum().item())
+
+
 def is_keyframe(step: int, interval: int, r: float, start_percent: float, end_percent: float) -> bool:
-    """Step `step` of a run is a keyframe unless it lies in [start, end) and off the interval grid."""
-    if interval <= 1 or not (start_percent <= r < end_percent):
+    """Step `step` of a run is a keyframe unless it lies in [start, end] and off the interval grid."""
+    if interval <= 1 or not (start_percent <= r <= end_percent):
         return True
     return step % interval == 0
 

@@ -29,34 +29,34 @@ def env():
     def patch(m, interval=2, mixing=True, blocks="all"):
         return fr.ReDiFeatureReuse.execute(m, interval, 0.0, 1.0, blocks, "input,middle,output", mixing, 0.5).result[0]
 
-    return model, run, patch
+    return model, run, patch, clip
 
 
 def test_interval_one_returns_the_model_unchanged(env):
-    model, run, patch = env
+    model, run, patch, _ = env
     assert patch(model, interval=1) is model
 
 
 def test_reuse_changes_little_and_reruns_identically(env):
-    model, run, patch = env
-    base = run(model)
+    model, run, patch, _ = env
+    base = run(model, steps=20)
     p = patch(model, mixing=False)
-    a, b = run(p), run(p)
+    a, b = run(p, steps=20), run(p, steps=20)
     assert torch.equal(a, b)  # the cache resets between runs
     rel = (a - base).abs().mean() / base.abs().mean()
     assert 0 < rel < 0.25, rel
-    assert torch.equal(run(model), base)  # the input model is untouched
+    assert torch.equal(run(model, steps=20), base)  # the input model is untouched
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m", "heun", "uni_pc"])
 def test_every_sampler_kind_runs(env, sampler):
-    model, run, patch = env
+    model, run, patch, _ = env
     out = run(patch(model), sampler)
     assert torch.isfinite(out).all()
 
 
 def test_composes_with_weight_patches(env):
-    model, run, patch = env
+    model, run, patch, _ = env
     key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
     w = model.model.state_dict()[key.replace("diffusion_model.", "diffusion_model.")]
     lora = model.clone()
@@ -69,10 +69,45 @@ def test_composes_with_weight_patches(env):
     assert not torch.allclose(plain, run(later))
 
 
+def _state(patched):
+    import comfy.patcher_extension
+
+    fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
+    wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.OUTER_SAMPLE][fr.WRAPPER_KEY][0]
+    return wrapper.__self__.state
+
+
+def test_cond_and_uncond_batched_or_not(env):
+    """A prompt five CLIP chunks long cannot share a batch with the one-chunk negative, so
+    ComfyUI runs cond and uncond as separate UNet calls: each keeps its own cache."""
+    import comfy.sample
+
+    model, run, patch, clip = env
+    long_prompt = ", ".join(["a large red circle at the center on a white background"] * 30)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(long_prompt))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    assert pos[0][0].shape[1] >= 5 * 77 and neg[0][0].shape[1] == 77
+    lat = torch.zeros(1, 4, 8, 8)
+
+    def run_long(m):
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 1), 20, 6.0, "euler", "normal", pos, neg, lat, disable_pbar=True)
+
+    batched, unbatched = patch(model, mixing=False), patch(model, mixing=False)
+    run(batched, steps=20)
+    fast, full = run_long(unbatched), run_long(model)
+    # 20 euler steps, interval 2: keyframes at the even steps
+    assert _state(batched).calls == {"key": 10, "reuse": 10, "jump": 0}
+    assert _state(unbatched).calls == {"key": 20, "reuse": 20, "jump": 0}
+    assert _state(unbatched).skipped == {k: 2 * v for k, v in _state(batched).skipped.items()}
+    assert torch.equal(fast, run_long(unbatched))
+    rel = (fast - full).abs().mean() / full.abs().mean()
+    assert 0 < rel < 0.25, rel
+
+
 def test_composes_with_freeu(env):
     from comfy_extras.nodes_freelunch import FreeU_V2
 
-    model, run, patch = env
+    model, run, patch, _ = env
     freeu = FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
     out = run(patch(freeu))
     assert torch.isfinite(out).all() and not torch.allclose(out, run(patch(model)))
@@ -85,7 +120,7 @@ def test_small_sdxl_architecture(env):
     import comfy.sample
     import comfy.supported_models
 
-    _, _, patch = env
+    _, _, patch, _ = env
     cfg = comfy.supported_models.SDXL({
         "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
         "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4, "model_channels": 32,
@@ -114,7 +149,7 @@ def test_small_sdxl_architecture(env):
 def test_img2img_denoise_below_one(env):
     import comfy.sample
 
-    model, _, patch = env
+    model, _, patch, _ = env
     lat = torch.randn(1, 4, 8, 8) * 0.5
     clip_cond = [[torch.zeros(1, 77, 96), {}]]
 

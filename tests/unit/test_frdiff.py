@@ -8,6 +8,7 @@ from redi_core.frdiff import (
     FRDiffState,
     keyframe_schedule,
     mix_lambda,
+    step_index,
 )
 
 
@@ -26,6 +27,14 @@ def test_keyframe_schedule():
     assert all(keyframe_schedule(5, 1))
     # outside the window every step is a keyframe
     assert keyframe_schedule(10, 2, 0.3, 0.8) == [True, True, True, False, True, False, True, False, True, True]
+
+
+def test_step_index_counts_the_sigmas_above():
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+    assert [step_index(sigmas, float(s)) for s in sigmas[:-1]] == [0, 1, 2, 3]
+    assert step_index(sigmas, 3.0 * (1 + 1e-7)) == 2  # float noise does not shift the step
+    assert step_index(sigmas, 2.0) == 3  # a multistep's intermediate evaluation belongs to the next step
+    assert step_index(None, 5.0) == 0
 
 
 class Twice(torch.nn.Module):
