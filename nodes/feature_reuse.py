@@ -9,7 +9,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from comfy_api.latest import io
 
-from ..redi_core.frdiff import CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, step_index
+from ..redi_core.frdiff import CachedDiTBlock, CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, step_index
 
 WRAPPER_KEY = "redi_frdiff"
 PARTS = ("input", "middle", "output")
@@ -35,6 +35,18 @@ def find_blocks(diffusion_model, kinds: str, parts: set[str]) -> list[tuple[str,
         elif isinstance(mod, SpatialTransformer) and kinds in ("all", "transformers"):
             out.append(("transformer", path, mod))
     return out
+
+
+def find_dit_blocks(diffusion_model, kinds: str, parts: set[str]) -> list[tuple[str, int]]:
+    """("double_block" | "single_block", index) of every reusable block of a DiT (Flux:
+    double and single stream blocks; SD3: joint blocks). The parts map to the first,
+    middle and last third of the block sequence."""
+    seq = [("double_block", i) for i in range(len(getattr(diffusion_model, "double_blocks", None) or getattr(diffusion_model, "joint_blocks", None) or []))]
+    seq += [("single_block", i) for i in range(len(getattr(diffusion_model, "single_blocks", None) or []))]
+    if kinds == "resblocks":
+        return []
+    n = len(seq)
+    return [b for j, b in enumerate(seq) if PARTS[min(3 * j // max(n, 1), 2)] in parts]
 
 
 def _transformer_handler(layer, x, emb, context, transformer_options, *args):
@@ -65,14 +77,20 @@ class _Wrappers:
             self.state.blocks.clear()
             self.state.scores.clear()
 
-    def diffusion_model(self, executor, x, timesteps, context, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
-        sigma = transformer_options["sigmas"].flatten()[0]
-        step = step_index(transformer_options.get("sample_sigmas"), float(sigma))
-        r = 1.0 - float(self.model_sampling.timestep(sigma)) / max(self.t_max, 1e-8)
-        key = (tuple(transformer_options.get("cond_or_uncond", ())), tuple(x.shape), x.dtype, x.device)
+    def diffusion_model(self, executor, x, timesteps, *args, **kwargs):
+        # UNets and DiTs pass transformer_options at different positions; find it by its content
+        opts = kwargs.get("transformer_options")
+        if opts is None:
+            opts = next((a for a in reversed(args) if isinstance(a, dict) and "sigmas" in a), {})
+        step, r = 0, 0.0  # no sigma known: a keyframe
+        if "sigmas" in opts:
+            sigma = opts["sigmas"].flatten()[0]
+            step = step_index(opts.get("sample_sigmas"), float(sigma))
+            r = 1.0 - float(self.model_sampling.timestep(sigma)) / max(self.t_max, 1e-8)
+        key = (tuple(opts.get("cond_or_uncond", ())), tuple(x.shape), x.dtype, x.device)
         if self.state.begin_call(step, r, key) == "jump":
             return self.state.scores[key].clone()
-        out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        out = executor(x, timesteps, *args, **kwargs)
         return self.state.end_call(out)
 
 
@@ -84,14 +102,15 @@ class ReDiFeatureReuse(io.ComfyNode):
             display_name="ReDi FeatureReuse (FRDiff)",
             category="ReDi/model patches",
             description="Training-free speed-up (FRDiff): between keyframe steps, UNet blocks reuse their cached features "
-            "and the score is mixed with the last keyframe's. Works on SD1.x/SDXL UNets; interval 1 returns the model unchanged.",
+            "and the score is mixed with the last keyframe's. Works on SD1.x/SDXL UNets and Flux/SD3 DiTs (whose transformer "
+            "blocks reuse what they added at the last keyframe); interval 1 returns the model unchanged.",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL) or a Flux/SD3 DiT."),
                 io.Int.Input("interval", default=2, min=1, max=10, tooltip="Every interval-th step is a full keyframe; the steps between reuse. Larger is faster and drifts more. 1 disables reuse (the model is returned unchanged)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse may begin; earlier steps are all keyframes."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse ends; later steps are all keyframes (for example 0.9 keeps the last details exact)."),
-                io.Combo.Input("blocks", options=["all", "resblocks", "transformers"], default="all", tooltip="Block kinds that reuse features: ResBlocks skip only their first convolution; transformers skip attention and MLPs (the larger saving)."),
-                io.String.Input("parts", default="input,middle,output", tooltip="UNet parts whose blocks reuse features (comma-separated subset of input, middle, output). Fewer parts: closer to the full result, less speed-up."),
+                io.Combo.Input("blocks", options=["all", "resblocks", "transformers"], default="all", tooltip="Block kinds that reuse features: ResBlocks skip only their first convolution; transformers skip attention and MLPs (the larger saving). DiTs have transformer blocks only."),
+                io.String.Input("parts", default="input,middle,output", tooltip="UNet parts whose blocks reuse features (comma-separated subset of input, middle, output; for a DiT: the first, middle and last third of its blocks). Fewer parts: closer to the full result, less speed-up."),
                 io.Boolean.Input("score_mixing", default=True, tooltip="Mix each reuse step's score with the last keyframe's by lambda(t). Early steps then skip the network entirely (faster, keeps the layout); late steps use reuse (keeps detail). Off: pure feature reuse."),
                 io.Float.Input("mix_bias", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Progress where lambda(t) switches from the keyframe score to the reuse score. Higher: more steps skip the network (faster, softer detail)."),
             ],
@@ -108,10 +127,11 @@ class ReDiFeatureReuse(io.ComfyNode):
             return io.NodeOutput(model)
         diffusion_model = model.get_model_object("diffusion_model")
         found = find_blocks(diffusion_model, blocks, part_set)
-        if not found:
+        dit = find_dit_blocks(diffusion_model, blocks, part_set)
+        if not found and not dit:
             raise ValueError(
-                f"FeatureReuse found no UNet ResBlocks or spatial transformers in {type(diffusion_model).__name__}; "
-                "it supports UNet models (SD1.x, SD2.x, SDXL)"
+                f"FeatureReuse found no reusable blocks ({blocks}, parts {parts}) in {type(diffusion_model).__name__}; "
+                "it supports UNet models (SD1.x, SD2.x, SDXL: any block kind) and Flux/SD3 DiTs (blocks 'all' or 'transformers')"
             )
         m = model.clone()
         state = FRDiffState(config)
@@ -120,7 +140,11 @@ class ReDiFeatureReuse(io.ComfyNode):
                 m.add_object_patch(f"diffusion_model.{path}.in_layers", CachedFirstConv(mod.in_layers, state, path))
             else:
                 m.add_object_patch(f"diffusion_model.{path}", CachedTransformer(mod, state, path))
-        m.set_model_forward_timestep_embed_patch((CachedTransformer, _transformer_handler))
+        if found:
+            m.set_model_forward_timestep_embed_patch((CachedTransformer, _transformer_handler))
+        earlier = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        for name, index in dit:
+            m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", earlier.get((name, index))), "dit", name, index)
         wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)

@@ -1,7 +1,8 @@
 """FRDiff: feature reuse between keyframe steps, plus score mixing (arXiv 2312.03517).
 
 At keyframe steps the UNet runs in full and caches, per block, the output of each
-ResBlock's first convolution path and each spatial transformer's inner path. On the
+ResBlock's first convolution path and each spatial transformer's inner path (for DiT
+models: what each transformer block adds to its streams). On the
 steps between, those blocks return the cached tensors (a transformer adds its current
 residual input), and the network's score is mixed with the last keyframe's full score:
 
@@ -108,13 +109,15 @@ class FRDiffState:
         `from_cache(cached)` instead. A cache of another batch, dtype or device is not used."""
         key = (slot, self.call_key)
         hit = self.blocks.get(key)
-        if self.mode == "reuse" and hit is not None and hit.shape[0] == x.shape[0] and hit.device == x.device and hit.dtype == x.dtype:
+        ref = next(iter(hit.values())) if isinstance(hit, dict) else hit
+        if self.mode == "reuse" and ref is not None and ref.shape[0] == x.shape[0] and ref.device == x.device and ref.dtype == x.dtype:
             self.skipped[kind] = self.skipped.get(kind, 0) + 1
             return from_cache(hit) if from_cache else hit
         out = compute()
         self.computed[kind] = self.computed.get(kind, 0) + 1
         if self.mode == "key":
-            self.blocks[key] = (to_cache(out) if to_cache else out).detach()
+            keep = to_cache(out) if to_cache else out
+            self.blocks[key] = {k: v.detach() for k, v in keep.items()} if isinstance(keep, dict) else keep.detach()
         return out
 
 
@@ -163,3 +166,22 @@ class CachedTransformer(_Delegating):
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         return self.run(x, *args)
+
+
+class CachedDiTBlock:
+    """A DiT block replacement (ComfyUI's "dit" patches_replace protocol: a callable taking
+    the block's input dict and {"original_block": fn}, returning its output dict). At
+    keyframes it runs the block and caches what the block added to each stream; on reuse
+    steps it returns the current inputs plus those cached residuals. A replacement that
+    another patch put on the same block runs inside it at keyframes."""
+
+    def __init__(self, state: FRDiffState, slot: str, inner=None) -> None:
+        self.state, self.slot, self.inner = state, slot, inner  # inner: a replacement patched in before us
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        compute = (lambda: self.inner(args, extra)) if self.inner else (lambda: extra["original_block"](args))
+        return self.state.cached(
+            "dit", self.slot, args["img"], compute,
+            to_cache=lambda out: {k: v - args[k] for k, v in out.items()},
+            from_cache=lambda c: {k: args[k] + v for k, v in c.items()},
+        )

@@ -146,6 +146,41 @@ def test_small_sdxl_architecture(env):
     assert torch.equal(run(model), full)
 
 
+def test_small_flux_dit(env):
+    """A Flux-architecture DiT (double and single stream blocks) at small scale, from
+    ComfyUI's own Flux config: its blocks reuse their keyframe residuals."""
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    _, _, patch, _ = env
+    cfg = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 16,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2,
+        "depth_single_blocks": 3, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": False,
+    })
+    torch.manual_seed(0)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model)
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    cond = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
+    lat = torch.zeros(1, 16, 8, 8)
+
+    def run(m):
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 8, 1.0, "euler", "simple", cond, cond, lat, disable_pbar=True)
+
+    full = run(model)
+    patched = patch(model, mixing=False)
+    out = run(patched)
+    assert torch.isfinite(out).all() and not torch.equal(out, full)
+    rel = (out - full).abs().mean() / full.abs().mean()
+    assert rel < 0.5, rel
+    assert _state(patched).skipped == {"dit": 4 * 5}  # 4 reuse steps x (2 double + 3 single blocks)
+    assert torch.equal(run(model), full)
+    with pytest.raises(ValueError, match="DiTs"):
+        patch(model, blocks="resblocks")
+
+
 def test_img2img_denoise_below_one(env):
     import comfy.sample
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from redi_core.frdiff import (
+    CachedDiTBlock,
     CachedFirstConv,
     CachedTransformer,
     FRDiffConfig,
@@ -109,3 +110,40 @@ def test_wrappers_keep_the_original_module_names():
     new = torch.nn.Parameter(torch.zeros(2, 2))
     parent.in_layers.get_submodule("0").weight = new
     assert inner[0].weight is new
+
+
+def test_dit_block_reuses_its_residuals():
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=False))
+    calls = []
+
+    def original(args):
+        calls.append(1)
+        return {"img": args["img"] * 3, "txt": args["txt"] + 1}
+
+    block = CachedDiTBlock(state, "double_block.0")
+    x, t = torch.randn(2, 4, 8), torch.randn(2, 3, 8)
+    state.begin_call(0, 0.0, ("c",))
+    out = block({"img": x, "txt": t, "vec": None}, {"original_block": original})
+    torch.testing.assert_close(out["img"], x * 3)
+    state.end_call(torch.zeros(2))  # the network's output at the keyframe
+    assert state.begin_call(1, 0.5, ("c",)) == "reuse"
+    x2, t2 = x + 1, t - 1
+    out = block({"img": x2, "txt": t2, "vec": None}, {"original_block": original})
+    assert len(calls) == 1 and state.skipped == {"dit": 1}
+    torch.testing.assert_close(out["img"], x2 + 2 * x)  # current input + the keyframe's residual
+    torch.testing.assert_close(out["txt"], t2 + 1)
+
+
+def test_dit_block_runs_an_earlier_replacement_at_keyframes():
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=False))
+    seen = []
+
+    def earlier(args, extra):
+        seen.append(1)
+        return {"img": extra["original_block"](args)["img"] + 10}
+
+    block = CachedDiTBlock(state, "single_block.0", earlier)
+    state.begin_call(0, 0.0, ("c",))
+    out = block({"img": torch.zeros(1, 2)}, {"original_block": lambda a: {"img": a["img"] * 2}})
+    torch.testing.assert_close(out["img"], torch.full((1, 2), 10.0))
+    assert seen == [1]
