@@ -36,6 +36,9 @@ def init_weights(module: torch.nn.Module) -> None:
                 base.reset_parameters(m)
         if isinstance(m, torch.nn.Embedding):
             torch.nn.init.normal_(m.weight, std=0.02)
+        if "RMSNorm" in type(m).__name__:  # DiT norms (their scale is left as torch.empty)
+            for p in m.parameters(recurse=False):
+                torch.nn.init.ones_(p)
 
 
 def _save_state(path: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:

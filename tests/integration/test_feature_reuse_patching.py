@@ -162,6 +162,7 @@ def test_small_flux_dit(env):
     torch.manual_seed(0)
     base = cfg.get_model({})
     init_weights(base.diffusion_model)
+    assert all(torch.isfinite(p).all() for p in base.diffusion_model.parameters())
     model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     cond = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
     lat = torch.zeros(1, 16, 8, 8)
@@ -172,7 +173,7 @@ def test_small_flux_dit(env):
     full = run(model)
     patched = patch(model, mixing=False)
     out = run(patched)
-    assert torch.isfinite(out).all() and not torch.equal(out, full)
+    assert torch.isfinite(full).all() and torch.isfinite(out).all() and not torch.equal(out, full)
     rel = (out - full).abs().mean() / full.abs().mean()
     assert rel < 0.5, rel
     assert _state(patched).skipped == {"dit": 4 * 5}  # 4 reuse steps x (2 double + 3 single blocks)
