@@ -113,11 +113,27 @@ def test_composes_with_freeu(env):
     assert torch.isfinite(out).all() and not torch.allclose(out, run(patch(model)))
 
 
+def _random_model(cfg, cond, lat, steps, cfg_scale, scheduler):
+    """A ComfyUI model of `cfg` with random weights, and a sampler run on it."""
+    import comfy.model_patcher
+    import comfy.sample
+
+    torch.manual_seed(0)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model)
+    assert all(torch.isfinite(p).all() for p in base.diffusion_model.parameters())
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+
+    def run(m):
+        noise = comfy.sample.prepare_noise(lat, 0)
+        return comfy.sample.sample(m, noise, steps, cfg_scale, "euler", scheduler, cond(), cond(), lat, disable_pbar=True)
+
+    return model, run
+
+
 def test_small_sdxl_architecture(env):
     """An SDXL-architecture UNet (linear transformer projections, depth-2 transformers,
     ADM size conditioning) built at small scale from ComfyUI's own SDXL config."""
-    import comfy.model_patcher
-    import comfy.sample
     import comfy.supported_models
 
     _, _, patch, _ = env
@@ -129,16 +145,9 @@ def test_small_sdxl_architecture(env):
         "use_temporal_resblock": False, "use_temporal_attention": False,
     })
     cfg.unet_config["num_head_channels"] = 16
-    torch.manual_seed(0)
-    base = cfg.get_model({})
-    init_weights(base.diffusion_model)
-    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
-    cond = [[torch.randn(1, 77, 64) * 0.1, {"pooled_output": torch.randn(1, 1280) * 0.1}]]
-    lat = torch.zeros(1, 4, 8, 8)
-
-    def run(m):
-        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 6, 5.0, "euler", "normal", cond, cond, lat, disable_pbar=True)
-
+    g = torch.Generator().manual_seed(1)
+    ctx, pooled = torch.randn(1, 77, 64, generator=g) * 0.1, torch.randn(1, 1280, generator=g) * 0.1
+    model, run = _random_model(cfg, lambda: [[ctx, {"pooled_output": pooled}]], torch.zeros(1, 4, 8, 8), 6, 5.0, "normal")
     full = run(model)
     patched = patch(model, mixing=False)
     out = run(patched)
@@ -149,8 +158,6 @@ def test_small_sdxl_architecture(env):
 def test_small_flux_dit(env):
     """A Flux-architecture DiT (double and single stream blocks) at small scale, from
     ComfyUI's own Flux config: its blocks reuse their keyframe residuals."""
-    import comfy.model_patcher
-    import comfy.sample
     import comfy.supported_models
 
     _, _, patch, _ = env
@@ -159,17 +166,9 @@ def test_small_flux_dit(env):
         "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2,
         "depth_single_blocks": 3, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": False,
     })
-    torch.manual_seed(0)
-    base = cfg.get_model({})
-    init_weights(base.diffusion_model)
-    assert all(torch.isfinite(p).all() for p in base.diffusion_model.parameters())
-    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
-    cond = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
-    lat = torch.zeros(1, 16, 8, 8)
-
-    def run(m):
-        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 8, 1.0, "euler", "simple", cond, cond, lat, disable_pbar=True)
-
+    g = torch.Generator().manual_seed(1)
+    ctx, pooled = torch.randn(1, 7, 32, generator=g), torch.randn(1, 16, generator=g)
+    model, run = _random_model(cfg, lambda: [[ctx, {"pooled_output": pooled}]], torch.zeros(1, 16, 8, 8), 8, 1.0, "simple")
     full = run(model)
     patched = patch(model, mixing=False)
     out = run(patched)
