@@ -107,7 +107,7 @@ class ReDiFeatureReuse(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL) or a Flux/SD3 DiT."),
                 io.Int.Input("interval", default=2, min=1, max=10, tooltip="Every interval-th step is a full keyframe; the steps between reuse. Larger is faster and drifts more. 1 disables reuse (the model is returned unchanged)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse may begin; earlier steps are all keyframes."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse may begin; earlier steps are all keyframes. Reuse at the first, high-noise steps costs the most quality, above all with few steps: 0.1-0.2 keeps them exact for a small loss of speed."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Sampling progress where reuse ends; later steps are all keyframes (for example 0.9 keeps the last details exact)."),
                 io.Combo.Input("blocks", options=["all", "resblocks", "transformers"], default="all", tooltip="Block kinds that reuse features: ResBlocks skip only their first convolution; transformers skip attention and MLPs (the larger saving). DiTs have transformer blocks only."),
                 io.String.Input("parts", default="input,middle,output", tooltip="UNet parts whose blocks reuse features (comma-separated subset of input, middle, output; for a DiT: the first, middle and last third of its blocks). Fewer parts: closer to the full result, less speed-up."),
