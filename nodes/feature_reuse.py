@@ -41,10 +41,11 @@ def find_dit_blocks(diffusion_model, kinds: str, parts: set[str]) -> list[tuple[
     """("double_block" | "single_block", index) of every reusable block of a DiT (Flux:
     double and single stream blocks; SD3: joint blocks). The parts map to the first,
     middle and last third of the block sequence."""
-    seq = [("double_block", i) for i in range(len(getattr(diffusion_model, "double_blocks", None) or getattr(diffusion_model, "joint_blocks", None) or []))]
-    seq += [("single_block", i) for i in range(len(getattr(diffusion_model, "single_blocks", None) or []))]
     if kinds == "resblocks":
         return []
+    doubles = getattr(diffusion_model, "double_blocks", None) or getattr(diffusion_model, "joint_blocks", None) or []
+    singles = getattr(diffusion_model, "single_blocks", None) or []
+    seq = [("double_block", i) for i in range(len(doubles))] + [("single_block", i) for i in range(len(singles))]
     n = len(seq)
     return [b for j, b in enumerate(seq) if PARTS[min(3 * j // max(n, 1), 2)] in parts]
 
@@ -74,8 +75,7 @@ class _Wrappers:
                     "[ReDi FeatureReuse] %d UNet calls: %d keyframes, %d with reused blocks, %d jumps (no network call); blocks reused %s",
                     total, c["key"], c["reuse"], c["jump"], dict(st.skipped),
                 )
-            self.state.blocks.clear()
-            self.state.scores.clear()
+            self.state.drop_caches()
 
     def diffusion_model(self, executor, x, timesteps, *args, **kwargs):
         # UNets and DiTs pass transformer_options at different positions; find it by its content

@@ -69,15 +69,19 @@ class FRDiffState:
     mode: str = "key"
     lam: float = 1.0
     call_key: tuple = ()
-    blocks: dict = field(default_factory=dict)  # (slot, call_key) -> tensor
+    blocks: dict = field(default_factory=dict)  # (slot, call_key) -> tensor, or dict of tensors (DiT streams)
     scores: dict = field(default_factory=dict)  # call_key -> last keyframe score
     computed: dict = field(default_factory=dict)  # block kind -> full computations
     skipped: dict = field(default_factory=dict)  # block kind -> reuses
     calls: dict = field(default_factory=lambda: {"key": 0, "reuse": 0, "jump": 0})
 
-    def reset(self) -> None:
+    def drop_caches(self) -> None:
+        """Free the cached block outputs and scores (the call and reuse counts stay readable)."""
         self.blocks.clear()
         self.scores.clear()
+
+    def reset(self) -> None:
+        self.drop_caches()
         self.mode, self.lam = "key", 1.0
         for d in (self.computed, self.skipped):
             d.clear()
