@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -81,6 +82,15 @@ def _images(samples: list[dataset.Sample], seed: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W floats in [-1, 1] -> N x H x W x 3 uint8, what the evaluator scores."""
+    return ((x.clamp(-1, 1) * 0.5 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _percentages(acc: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+
+
 def _ae_init(ae: torch.nn.Module) -> None:
     """He init for TAESD's ReLU convs, each residual block starting as its skip path, and a
     colour path: encoder channels 0-2 carry the RGB image, average-pooled by the stride convs,
@@ -138,11 +148,10 @@ def reconstruction_check(ae, n: int = 200) -> dict[str, float]:
     that generated images can reach, printed while training."""
     from redi_demo import evaluator
 
-    imgs, samples = evaluator.real_images(n, 123)
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    samples = dataset.random_samples(n, 123)
+    x = _images(samples, 123)  # the same images as evaluator.real_images(n, 123)
     y = ae.taesd_decoder(ae.taesd_encoder(x * 0.5 + 0.5)) * 2 - 1
-    rec = ((y.clamp(-1, 1) * 0.5 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return evaluator.accuracy(evaluator.load(), rec, samples)
+    return evaluator.accuracy(evaluator.load(), _to_uint8(y), samples)
 
 
 def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, log_every: int, check_every: int):
@@ -187,7 +196,7 @@ def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, 
             print(f"[ae] step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         if check_every and (step % check_every == 0 or step == total):
             acc = reconstruction_check(ae)
-            print(f"[ae] step {step} evaluator on 200 reconstructions: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
+            print(f"[ae] step {step} evaluator on 200 reconstructions: {_percentages(acc)}", flush=True)
     # normalise latents to zero mean, unit std through TAESD's own scale/shift parameters
     with torch.no_grad():
         x = _images(dataset.random_samples(512, seed + 99), seed + 99)
@@ -274,8 +283,7 @@ def sample_check(base, clip, ae, n: int, seed: int, steps: int = 20, cfg: float 
         den = base.apply_model(torch.cat([x, x]), s, c_crossattn=ctx).float()
         den = den[n:] + cfg * (den[:n] - den[n:])
         x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    imgs = ((ae.decode(x).clamp(-1, 1) * 0.5 + 0.5) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    return evaluator.accuracy(evaluator.load(), imgs, samples)
+    return evaluator.accuracy(evaluator.load(), _to_uint8(ae.decode(x)), samples)
 
 
 def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int, pool: int, check_every: int):
@@ -335,7 +343,7 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
                   f"({time.time() - t0:.0f}s)", flush=True)
         if check_every and (step % check_every == 0 or step == steps):
             acc = sample_check(base, clip, ae, 48, seed)
-            print(f"[unet] step {step} adherence on 48 samples: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
+            print(f"[unet] step {step} adherence on 48 samples: {_percentages(acc)}", flush=True)
     with torch.no_grad():
         ids = [tokens(p) for p in ("a small red circle at the top left on a white background", "")]
         ours, theirs = _text_forward(text_model, ids), clip.clip_l(ids)[0]
