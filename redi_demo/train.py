@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ae-steps", type=int, default=2000)
     ap.add_argument("--ae-texture-steps", type=int, default=600)
     ap.add_argument("--ae-batch", type=int, default=8)
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pool", type=int, default=12288, help="dataset images encoded once for the UNet stage")
     ap.add_argument("--seed", type=int, default=0)
