@@ -30,6 +30,7 @@ from redi_demo import dataset
 from redi_demo.host import PACK_ROOT, load_comfy
 
 LATENT_CHANNELS = 4
+UNET_LR = 5e-4
 END_TOKEN = 49407  # the SD1 tokenizer's end/pad token
 
 
@@ -149,12 +150,17 @@ def reconstruction_check(ae, n: int = 200) -> dict[str, float]:
     from redi_demo import evaluator
 
     samples = dataset.random_samples(n, 123)
-    x = _images(samples, 123)  # the same images as evaluator.real_images(n, 123)
+    x = _images(samples, 123).to(_device(ae))  # the same images as evaluator.real_images(n, 123)
     y = ae.taesd_decoder(ae.taesd_encoder(x * 0.5 + 0.5)) * 2 - 1
-    return evaluator.accuracy(evaluator.load(), _to_uint8(y), samples)
+    return evaluator.accuracy(evaluator.load(), _to_uint8(y.cpu()), samples)
 
 
-def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, log_every: int, check_every: int):
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, log_every: int, check_every: int,
+             device: str = "cpu"):
     """`steps` of weighted MSE, then `texture_steps` more with a fresh optimiser, a lower learning
     rate and a texture-energy term: MSE alone renders striped and dotted objects as flat blobs."""
     from comfy.taesd.taesd import TAESD
@@ -162,6 +168,7 @@ def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, 
     torch.manual_seed(seed)
     ae = TAESD(latent_channels=LATENT_CHANNELS)
     _ae_init(ae)
+    ae.to(device)
     params = list(ae.taesd_encoder.parameters()) + list(ae.taesd_decoder.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     path = work / "ae.safetensors"
@@ -173,7 +180,8 @@ def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, 
             opt = torch.optim.Adam(params, lr=3e-4)
         samples = dataset.random_samples(batch, seed * 1_000_003 + 7919 + step)
         x = _images(samples, seed + step)
-        w = _object_weights(samples, x, 10.0)
+        w = _object_weights(samples, x, 10.0).to(device)
+        x = x.to(device)
         z = ae.taesd_encoder(x * 0.5 + 0.5)
         y = ae.taesd_decoder(z) * 2 - 1
         loss = (w * (y - x).pow(2)).mean() + 1e-4 * z.pow(2).mean()
@@ -199,7 +207,7 @@ def train_ae(work: Path, steps: int, texture_steps: int, seed: int, batch: int, 
             print(f"[ae] step {step} evaluator on 200 reconstructions: {_percentages(acc)}", flush=True)
     # normalise latents to zero mean, unit std through TAESD's own scale/shift parameters
     with torch.no_grad():
-        x = _images(dataset.random_samples(512, seed + 99), seed + 99)
+        x = _images(dataset.random_samples(512, seed + 99), seed + 99).to(device)
         z = torch.cat([ae.taesd_encoder(c * 0.5 + 0.5) for c in x.split(64)])
         ae.vae_scale.fill_(float(z.std()))
         ae.vae_shift.fill_(float(-z.mean() / z.std()))
@@ -210,10 +218,10 @@ def _text_forward(text_model, token_lists: list[list[int]]) -> torch.Tensor:
     """ComfyUI's CLIP text forward (layer "last") without its in-place adds, so
     autograd can train it. Checked equal to ComfyUI's own forward at export."""
     tm = text_model
-    ids = torch.tensor(token_lists)
+    ids = torch.tensor(token_lists, device=tm.embeddings.token_embedding.weight.device)
     x = tm.embeddings.token_embedding.weight[ids] + tm.embeddings.position_embedding.weight
     n = x.shape[1]
-    causal = torch.full((n, n), -torch.finfo(x.dtype).max).triu(1)
+    causal = torch.full((n, n), -torch.finfo(x.dtype).max, device=x.device).triu(1)
     for layer in tm.encoder.layers:
         a = layer.self_attn
         h = layer.layer_norm1(x)
@@ -249,7 +257,7 @@ def latent_pool(work: Path, ae, n: int, seed: int) -> tuple[torch.Tensor, list[d
     chunks = []
     with torch.no_grad():
         for i in range(0, n, 256):
-            chunks.append(ae.encode(_images(samples[i : i + 256], 2_000_000 + i)))
+            chunks.append(ae.encode(_images(samples[i : i + 256], 2_000_000 + i).to(_device(ae))).cpu())
             if (i // 256) % 10 == 0:
                 print(f"[latents] {i + 256}/{n}", flush=True)
     latents = torch.cat(chunks)
@@ -275,18 +283,20 @@ def sample_check(base, clip, ae, n: int, seed: int, steps: int = 20, cfg: float 
     samples = dataset.random_samples(n, 5_000_000 + seed)
     tokens = _Tokens()
     ctx = clip.clip_l([tokens(s.prompt()) for s in samples] + [tokens("")] * n)[0]
-    sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps).float()
+    device = _device(base)
+    sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", steps).float().to(device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, LATENT_CHANNELS, 8, 8), generator=g) * sigmas[0]
+    x = torch.randn((n, LATENT_CHANNELS, 8, 8), generator=g).to(device) * sigmas[0]
     for i in range(steps):
         s = sigmas[i].expand(2 * n)
         den = base.apply_model(torch.cat([x, x]), s, c_crossattn=ctx).float()
         den = den[n:] + cfg * (den[:n] - den[n:])
         x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    return evaluator.accuracy(evaluator.load(), _to_uint8(ae.decode(x)), samples)
+    return evaluator.accuracy(evaluator.load(), _to_uint8(ae.decode(x).cpu()), samples)
 
 
-def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int, pool: int, check_every: int):
+def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int, pool: int, check_every: int,
+               device: str = "cpu"):
     from redi_demo import model_config
 
     torch.manual_seed(seed)
@@ -304,15 +314,17 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
     # trained from scratch, tell the attributes apart early; not part of the exported model
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in dataset.ATTRIBUTES.items()})
     net = torch.nn.ModuleDict({"unet": base.diffusion_model, "clip": clip, "heads": heads})
+    base.to(device)
+    net.to(device)
     params = [p for n, p in net.named_parameters() if "logit_scale" not in n and "text_projection" not in n]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=0.01)
     path = work / "unet.safetensors"
     step = _load_state(path, net, opt)
     tokens = _Tokens()
-    sigmas = base.model_sampling.sigmas.float()
+    sigmas = base.model_sampling.sigmas.float().cpu()
     ae.requires_grad_(False)
     latents, pool_samples = latent_pool(work, ae, pool, seed)
-    truth = {k: torch.from_numpy(v) for k, v in dataset.attribute_array(pool_samples).items()}
+    truth = {k: torch.from_numpy(v).to(device) for k, v in dataset.attribute_array(pool_samples).items()}
     t0 = time.time()
     while step < steps:
         g = torch.Generator().manual_seed(seed * 31 + step)
@@ -321,18 +333,19 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
         t = torch.randint(0, len(sigmas), (batch,), generator=g)
         sigma = sigmas[t].view(-1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=g)
-        xc = (x0 + sigma * noise) / torch.sqrt(sigma**2 + 1)
+        xc = ((x0 + sigma * noise) / torch.sqrt(sigma**2 + 1)).to(device)
         keep = torch.rand(batch, generator=g) >= 0.1
+        noise, t = noise.to(device), t.to(device)
         token_lists = [tokens(pool_samples[i].prompt() if k else "") for i, k in zip(idx.tolist(), keep.tolist())]
         ctx = _text_forward(text_model, token_lists)
         eps = base.diffusion_model(xc, t.float(), context=ctx)
         loss = torch.nn.functional.mse_loss(eps, noise)
         feats = _prompt_features(ctx, token_lists)[keep]
-        aux = sum(torch.nn.functional.cross_entropy(h(feats), truth[k][idx[keep]]) for k, h in heads.items())
+        aux = sum(torch.nn.functional.cross_entropy(h(feats), truth[k][idx[keep].to(device)]) for k, h in heads.items())
         opt.zero_grad(set_to_none=True)
         (loss + 0.1 * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = 5e-4 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = UNET_LR * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for gr in opt.param_groups:
             gr["lr"] = lr
         opt.step()
@@ -347,7 +360,9 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
     with torch.no_grad():
         ids = [tokens(p) for p in ("a small red circle at the top left on a white background", "")]
         ours, theirs = _text_forward(text_model, ids), clip.clip_l(ids)[0]
-        assert torch.allclose(ours, theirs, atol=1e-4), "training text forward differs from ComfyUI's"
+        assert torch.allclose(ours, theirs.to(ours.device), atol=1e-4), "training text forward differs from ComfyUI's"
+    base.cpu()
+    clip.cpu()
     return cfg, base, clip
 
 
@@ -379,13 +394,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(PACK_ROOT / "models" / "redi_demo_shapes.safetensors"))
     ap.add_argument("--preview", default=str(Path(__file__).with_name("latent_preview.json")),
                     help="where the fitted latent->RGB preview factors go (the model config reads them from here)")
-    ap.add_argument("--ae-steps", type=int, default=2000)
-    ap.add_argument("--ae-texture-steps", type=int, default=600)
+    ap.add_argument("--ae-steps", type=int, default=1200)
+    ap.add_argument("--ae-texture-steps", type=int, default=300)
     ap.add_argument("--ae-batch", type=int, default=8)
-    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pool", type=int, default=12288, help="dataset images encoded once for the UNet stage")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the shipped weights were trained on the CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--check-every", type=int, default=500, help="steps between readouts of reconstruction / prompt accuracy (0: none)")
@@ -396,8 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ae = train_ae(work, args.ae_steps, args.ae_texture_steps, args.seed, args.ae_batch, args.log_every, args.check_every)
-    cfg, base, clip = train_unet(work, ae, args.unet_steps, args.seed, args.batch, args.log_every, args.pool, args.check_every)
+    ae = train_ae(work, args.ae_steps, args.ae_texture_steps, args.seed, args.ae_batch, args.log_every, args.check_every,
+                  args.device)
+    cfg, base, clip = train_unet(work, ae, args.unet_steps, args.seed, args.batch, args.log_every, args.pool, args.check_every,
+                                 args.device)
+    ae.cpu()
     export(Path(args.out), Path(args.preview), cfg, base, clip, ae, args.seed)
     print(f"wrote {args.out} ({time.time() - t0:.0f}s this run)", flush=True)
 
