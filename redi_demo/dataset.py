@@ -28,7 +28,7 @@ POSITIONS = {
     "bottom right": (48, 48),
     "center": (32, 32),
 }
-SIZES = {"small": 8.0, "large": 14.0}
+SIZES = {"small": 10.0, "large": 14.0}
 BACKGROUNDS = {
     "white": (240, 240, 240),
     "black": (20, 20, 20),
@@ -139,15 +139,20 @@ def render(sample: Sample, jitter_seed: int | None = None) -> np.ndarray:
         img = np.where(mask[..., None], np.where(checker, fg, fg * 0.6), bg)
         return img.clip(0, 255).astype(np.uint8)
 
+    # The textures shade the object rather than cut holes in it, and repeat on the 8-pixel grid of
+    # the autoencoder's latent cells, so that a cell's mean colour stays the object's colour and a
+    # 4-channel latent can carry them (single-pixel patterns and holes came back flattened).
     mask = _shape_mask(shape, cx, cy, r, yy, xx)
+    shade = np.zeros_like(mask)
     if style == "striped":
-        mask = mask & (((xx + yy) // 4) % 2 == 0)
+        shade = (yy % 8) >= 4
     elif style == "dotted":
-        mask = mask & ((xx % 6 - 2.5) ** 2 + (yy % 6 - 2.5) ** 2 <= 4.0)
+        shade = (xx % 8 - 3.5) ** 2 + (yy % 8 - 3.5) ** 2 <= 5.0
     elif style == "outlined":
-        mask = mask & ~_erode(mask, 3)
-    img = np.where(mask[..., None], fg, bg)
-    return img.astype(np.uint8)
+        shade = ~_erode(mask, 3)
+    fill = np.where(shade[..., None], fg * 0.4, fg)
+    img = np.where(mask[..., None], fill, bg)
+    return img.clip(0, 255).astype(np.uint8)
 
 
 def render_batch(samples: list[Sample], jitter_seed: int | None = None) -> np.ndarray:

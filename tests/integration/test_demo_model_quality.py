@@ -23,13 +23,13 @@ def scores(server):
 
 
 def test_measured_floor(scores):
-    # Measured on 1000 images (scripts/eval_demo_model.py): background 89.8%, size 80.3%.
-    # Chance is 25% and 50%: a broken loader, tokenizer or autoencoder falls far below this.
-    assert scores["background"] >= 0.75 and scores["size"] >= 0.65, scores
+    # The two attributes outside the bar. Measured on 1000 images (scripts/eval_demo_model.py):
+    # background 99.9%, size 97.4%; chance is 25% and 50%.
+    assert scores["background"] >= 0.9 and scores["size"] >= 0.85, scores
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model is below the issue's quality bar (shape/colour 90%, position/style 80%); the issue stays open")
 def test_quality_bar(scores):
+    # The issue's bar at the default settings (euler, 20 steps, cfg 6).
     assert scores["shape"] >= 0.9 and scores["colour"] >= 0.9, scores
     assert scores["position"] >= 0.8 and scores["style"] >= 0.8, scores
 

@@ -47,3 +47,25 @@ def test_dataset_is_deterministic_and_covers_vocabulary():
         assert set(truth[name]) == set(range(len(values))), name
     assert len(dataset.SHAPES) >= 4 and len(dataset.COLOURS) >= 6 and len(dataset.POSITIONS) >= 5
     assert len(dataset.SIZES) >= 2 and len(dataset.BACKGROUNDS) >= 4 and len(dataset.STYLES) - 1 >= 4
+
+
+def _sample(**values: str) -> dataset.Sample:
+    chosen = {"shape": "square", "colour": "red", "position": "center", "size": "large", "background": "white",
+              "style": "plain", **values}
+    return dataset.Sample({k: dataset.ATTRIBUTES[k].index(v) for k, v in chosen.items()}, 0, 0)
+
+
+def test_textures_shade_the_whole_object_on_the_latent_grid():
+    # The autoencoder's 8-pixel latent cells carry a texture only when it repeats on that grid and
+    # keeps the cell's colour the object's: no holes, a darker shade of the object's own colour.
+    plain = dataset.render(_sample())
+    on_object = (plain != dataset.BACKGROUNDS["white"]).any(-1)
+    for style in ("striped", "dotted", "outlined"):
+        img = dataset.render(_sample(style=style))
+        assert np.array_equal((img != dataset.BACKGROUNDS["white"]).any(-1), on_object), style
+        shaded = (img != plain).any(-1)
+        assert shaded.any() and not shaded[~on_object].any(), style
+        assert (img[shaded] == (88, 16, 16)).all(), style  # red (220, 40, 40) at 0.4
+        if style != "outlined":
+            inner = shaded[24:32, 24:40]
+            assert np.array_equal(inner, shaded[32:40, 24:40]) and np.array_equal(inner[:, :8], inner[:, 8:]), style
