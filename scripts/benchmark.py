@@ -284,7 +284,7 @@ def main() -> None:
     for n_steps in sorted({k + STEPS - v for k, v, _ in configs}):
         imgs, wall, nfe = b.generate(b.full(n_steps), "same")
         b.record("fewer steps", f"euler {n_steps} steps", imgs, wall, nfe, "same", "same")
-    for size in (100, 1000, 10000):
+    for size in sorted({100, 1000, args.kb_size}):
         if size <= len(kb):
             imgs, wall, nfe = b.generate(b.redi(kb.subset(size), 4, 10, 1, "latent"), "same")
             b.record("ReDi KB size", f"ReDi k=4 v=10, KB {size}", imgs, wall, nfe, "same", "same", kb_size=size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,11 @@ def main() -> None:
         prompts = workflows.kb_prompts(args.kb_prompts, seed=7)
         t0 = time.perf_counter()
         run_entry = srv.run(workflows.redi_build_kb(prompts), timeout=3600)
+        if "already exists with other settings" in str(srv.error_of(run_entry)):
+            # the demo's own KB, left by a run on an earlier demo model: rebuild it for this one
+            print(f"KB {workflows.KB_NAME} was built for another model version; rebuilding it", flush=True)
+            shutil.rmtree(srv.kb_dir / workflows.KB_NAME)
+            run_entry = srv.run(workflows.redi_build_kb(prompts), timeout=3600)
         if run_entry["status"]["status_str"] != "success":
             raise SystemExit(f"KB build failed: {json.dumps(srv.error_of(run_entry), indent=1)}")
         print(f"KB {workflows.KB_NAME}: {args.kb_prompts} trajectories ready ({time.perf_counter() - t0:.0f}s)", flush=True)
