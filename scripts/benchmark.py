@@ -148,11 +148,9 @@ class Bench:
         return KnowledgeBase.load(path, check_hash=False)
 
 
-def faiss_timing(kb, step: int = 4, queries: int = 64) -> list[dict]:
+def faiss_timing(kb, sizes: list[int], step: int = 4, queries: int = 64) -> list[dict]:
     rows = []
-    for n in (100, 1000, 10000):
-        if n > len(kb):
-            continue
+    for n in sizes:
         sub = kb.subset(n)
         q = sub.keys("latent", step)[:queries] + 0.01
         sub.search("latent", step, q, 1)
@@ -284,10 +282,10 @@ def main() -> None:
     for n_steps in sorted({k + STEPS - v for k, v, _ in configs}):
         imgs, wall, nfe = b.generate(b.full(n_steps), "same")
         b.record("fewer steps", f"euler {n_steps} steps", imgs, wall, nfe, "same", "same")
-    for size in sorted({100, 1000, args.kb_size}):
-        if size <= len(kb):
-            imgs, wall, nfe = b.generate(b.redi(kb.subset(size), 4, 10, 1, "latent"), "same")
-            b.record("ReDi KB size", f"ReDi k=4 v=10, KB {size}", imgs, wall, nfe, "same", "same", kb_size=size)
+    kb_sizes = sorted({n for n in (100, 1000) if n < len(kb)} | {len(kb)})
+    for size in kb_sizes:
+        imgs, wall, nfe = b.generate(b.redi(kb.subset(size), 4, 10, 1, "latent"), "same")
+        b.record("ReDi KB size", f"ReDi k=4 v=10, KB {size}", imgs, wall, nfe, "same", "same", kb_size=size)
     for name, base_kb, space in (("fixed-seed KB, latent keys", kb, "latent"), ("fixed-seed KB, denoised keys", kb, "denoised"),
                                  ("range-seed KB, denoised keys", kb_range, "denoised")):
         imgs, wall, nfe = b.generate(b.redi(base_kb, 4, 10, 1, space), "new")
@@ -327,7 +325,7 @@ def main() -> None:
     picture_grid(style_imgs, ["(a) full", "(b) ReDi + Style Split", "(c) ReDi, full-prompt key", "(d) 14 steps"],
                  b.prompts[:6], out / "stylize_grid.png")
 
-    faiss_rows = faiss_timing(kb)
+    faiss_rows = faiss_timing(kb, kb_sizes)
     speed_rows = sd15_speed(b.fr)
     md = [table(b.rows), "", "faiss query time (exact L2, latent keys of 256 floats):", "",
           "| KB size | ms per query |", "|---|---|"]
