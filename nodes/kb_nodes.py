@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..kb_tools import builder
 from ..kb_tools.errors import KBError
-from ..kb_tools.kb_format import Fingerprint, text_hash
+from ..kb_tools.kb_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
 from ..kb_tools.knowledge_base import KnowledgeBase
 from . import comfy_sampling, kb_types
 
@@ -44,14 +44,38 @@ def parse_steps(text: str, steps: int) -> tuple[int, ...]:
     return vals
 
 
-def read_prompts(prompts: str, prompts_file: str) -> list[str]:
+MAX_PROMPTS_FILE_BYTES = 64 << 20
+
+
+def prompts_file_path(name: str, input_dir: str) -> str:
+    """A prompts file inside ComfyUI's input folder (like LoadImage): a name relative to it, or
+    a path that resolves (symlinks included) to a file inside it; anything else is refused."""
+    root = os.path.realpath(input_dir)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise KBError(f"prompts file {name!r} is outside ComfyUI's input folder; copy it into {root} and give its name (e.g. prompts.txt)")
+    if not os.path.isfile(path):
+        raise KBError(f"prompts file {name!r} not found in ComfyUI's input folder {root}; put a text file with one prompt per line there and give its name")
+    if os.path.getsize(path) > MAX_PROMPTS_FILE_BYTES:
+        raise KBError(f"prompts file {name!r} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MB; split it")
+    return path
+
+
+def read_prompts(prompts: str, prompts_file: str, input_dir: str | None = None) -> list[str]:
+    """The prompt lines plus those of `prompts_file`, which must lie in `input_dir`
+    (ComfyUI's input folder by default)."""
     lines = prompts.splitlines()
     if prompts_file.strip():
-        path = prompts_file.strip()
-        if not os.path.isfile(path):
-            raise KBError(f"prompts file {path!r} not found; give an absolute path to a text file with one prompt per line")
-        with open(path, encoding="utf-8") as f:
-            lines += f.read().splitlines()
+        if input_dir is None:
+            import folder_paths
+
+            input_dir = folder_paths.get_input_directory()
+        path = prompts_file_path(prompts_file.strip(), input_dir)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines += f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise KBError(f"prompts file {prompts_file.strip()!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
     return builder.clean_prompts(lines)
 
 
@@ -79,9 +103,9 @@ class ReDiKBBuilder(io.ComfyNode):
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Prompts sampled together. Each finished batch is saved at once, so a stopped build loses at most one batch."),
                 io.Combo.Input("seed_mode", options=["fixed", "range"], default="fixed", tooltip="fixed: every trajectory uses `seed` (the paper's setting; queries with that seed match best). range: trajectory i uses seed + i (serves queries with any seed through denoised keys)."),
                 io.Int.Input("seed", default=1024, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The fixed seed, or the first seed of the range."),
-                io.String.Input("stored_steps", default="3,4,5,6,8,10,12,14", tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them. Fewer steps make a smaller KB."),
+                io.String.Input("stored_steps", default=DEFAULT_STORED_STEPS, tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them (its defaults are 4 and 10). Each step adds about 4 bytes per latent value per trajectory (fp16 latent and denoised estimate)."),
                 io.String.Input("kb_name", default="my_kb", tooltip="Folder name under models/redi_kb. An existing KB of the same settings is continued or extended."),
-                io.String.Input("prompts_file", default="", optional=True, tooltip="Optional path to a text file with more prompts, one per line."),
+                io.String.Input("prompts_file", default="", optional=True, tooltip="Optional name of a text file in ComfyUI's input folder with more prompts, one per line (files outside the input folder are refused)."),
             ],
             outputs=[kb_types.KBType.Output(display_name="kb", tooltip="The knowledge base, for ReDi KSampler or ReDi Sampler.")],
         )
@@ -95,7 +119,7 @@ class ReDiKBBuilder(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(max(1, len(prompt_list)))
         manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
                             batch_size, seed_mode, seed, stored, progress=lambda done, total: pbar.update_absolute(done, total))
-        kb = KnowledgeBase.load(path, check_hash=False)
+        kb = KnowledgeBase.open(path)
         lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 
@@ -135,7 +159,7 @@ class ReDiKBLoader(io.ComfyNode):
             node_id="ReDiKBLoader",
             display_name="ReDi KB Loader",
             category="ReDi/knowledge base",
-            description="Loads and validates a knowledge base from models/redi_kb.",
+            description="Opens a knowledge base from models/redi_kb (reads its manifest and log only; every stored row is checked against its checksum when a query reads it; `python -m kb_tools validate` checks everything).",
             inputs=[
                 io.Combo.Input("kb_name", options=kb_types.list_kbs(), tooltip="A knowledge base under models/redi_kb (press R to refresh the list after building one)."),
             ],
@@ -144,7 +168,7 @@ class ReDiKBLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, kb_name) -> io.NodeOutput:
-        kb = KnowledgeBase.load(kb_types.kb_path_for_read(kb_name))
+        kb = KnowledgeBase.open(kb_types.kb_path_for_read(kb_name))
         fp = kb.fingerprint
         lines = [
             f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)}",
@@ -155,6 +179,8 @@ class ReDiKBLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, kb_name):
         try:
-            return os.path.getmtime(os.path.join(kb_types.kb_path_for_read(kb_name), "manifest.json"))
+            path = kb_types.kb_path_for_read(kb_name)
+            log = os.path.join(path, LOG)  # every commit appends to the log (the manifest never changes)
+            return os.stat(log).st_mtime_ns if os.path.exists(log) else os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
         except (KBError, OSError):
             return float("nan")
