@@ -40,6 +40,7 @@ def build(
     run_batch: RunBatch,
     progress: Callable[[int, int], None] = lambda done, total: None,
     check_interrupt: Callable[[], None] = lambda: None,
+    dtype: str = "float16",
 ) -> State:
     """Add `prompts` to the KB at `kb_dir`, one commit per batch.
 
@@ -47,14 +48,15 @@ def build(
     no shard is read), the build resumes after them (a killed build continues where it
     stopped); otherwise all of `prompts` are appended. Each batch is committed under the
     writer lock, so builds running at the same time on one KB all land.
-    `check_interrupt` is called between batches and may raise to stop cleanly."""
+    `check_interrupt` is called between batches and may raise to stop cleanly.
+    `dtype` is the storage of a new KB (an existing KB keeps its own)."""
     prompts = clean_prompts(prompts)
     if not prompts:
         raise KBError("no prompts given: enter one prompt per line (or a prompts file)")
     if batch_size < 1:
         raise KBError(f"batch size must be at least 1, not {batch_size}")
     kb_dir = Path(kb_dir)
-    header = kb_writer.create_kb(kb_dir, fp)
+    header = kb_writer.create_kb(kb_dir, fp, dtype=dtype)
     kb_writer.remove_orphans(kb_dir)
     tail = kb_format.read_tail_state(kb_dir, header)
     done = tail.count if tail.count <= len(prompts) and kb_format.prompt_chain(prompts[: tail.count]) == tail.chain else 0

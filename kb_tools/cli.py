@@ -111,7 +111,8 @@ def cmd_build(args) -> None:
         print(f"\r{done}/{total} prompts", end="", flush=True)
 
     m = kb_nodes.build_kb(model, clip, Path(args.out), prompts, args.negative, args.sampler, args.scheduler, args.steps,
-                          args.cfg, args.width, args.height, args.batch_size, args.seed_mode, args.seed, stored, progress)
+                          args.cfg, args.width, args.height, args.batch_size, args.seed_mode, args.seed, stored, progress,
+                          dtype=args.dtype)
     print(f"\nKB {args.out}: {m.count} entries")
 
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed-mode", choices=["fixed", "range"], default="fixed")
     p.add_argument("--seed", type=int, default=1024)
     p.add_argument("--stored-steps", default=DEFAULT_STORED_STEPS)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of a new KB (float32: twice the size)")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("inspect", help="fingerprint, size and sample prompts")
     p.add_argument("kb")
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--keep", help="leave the KB in this folder (a normal KB for inspect/validate/query)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: time an existing KB in a fresh process
     p.set_defaults(func=cmd_bench_scale)
     args = ap.parse_args(argv)
     try:

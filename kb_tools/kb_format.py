@@ -226,6 +226,16 @@ class State:
         return self.header.fingerprint
 
 
+def key_steps(fp: Fingerprint) -> tuple[int, ...]:
+    """Stored steps that can serve as key steps (the key step must lie below a stored value step)."""
+    return fp.stored_steps[:-1]
+
+
+def key_list(fp: Fingerprint) -> list[tuple[str, int]]:
+    """(space, step) of every reduced-key file a KB keeps."""
+    return [(space, s) for space in KEY_SPACES for s in key_steps(fp)]
+
+
 def key_name(space: str, step: int) -> str:
     return f"{space}_{step}"
 

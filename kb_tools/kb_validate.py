@@ -15,9 +15,9 @@ from . import kb_index
 from .errors import KBError
 from .kb_format import (
     IVF_RE,
-    KEY_SPACES,
     RKEYS_RE,
     SHARD_RE,
+    key_list,
     key_name,
     read_header,
     read_state,
@@ -37,7 +37,7 @@ def validate_kb(kb_dir: Path) -> int:
     st = read_state(kb_dir, header)
     fp, dims = header.fingerprint, header.key_dims
     problems: list[str] = []
-    keys = [(space, s) for space in KEY_SPACES for s in fp.stored_steps]
+    keys = key_list(fp)
     rk_files, rk_hash, rk_rows, chunk_i = {}, {}, {}, {}
     for space, s in keys:
         k = key_name(space, s)

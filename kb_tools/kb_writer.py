@@ -27,7 +27,6 @@ from .errors import KBError
 from .kb_format import (
     DEFAULT_SHARD_BYTES,
     IVF_RE,
-    KEY_SPACES,
     LOCK,
     LOG,
     MANIFEST,
@@ -40,6 +39,7 @@ from .kb_format import (
     State,
     chain_step,
     encode_line,
+    key_list,
     key_name,
     read_header,
     read_state,
@@ -102,7 +102,7 @@ def create_kb(kb_dir: Path, fp: Fingerprint, dtype: str = "float16", key_dims: i
 
 
 def _keys(header: Header) -> list[tuple[str, int]]:
-    return [(space, s) for space in KEY_SPACES for s in header.fingerprint.stored_steps]
+    return key_list(header.fingerprint)
 
 
 def _split(x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Entry], rows: int) -> Iterator[Batch]:

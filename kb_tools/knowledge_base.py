@@ -24,6 +24,7 @@ from .kb_format import (
     Entry,
     State,
     key_name,
+    key_steps,
     read_header,
     read_state,
     rkeys_file,
@@ -153,6 +154,8 @@ class KnowledgeBase:
         """The first len(self) reduced keys, each committed chunk checked against its checksum."""
         self.require_step(step, "key")
         self._check_space(space)
+        if step not in key_steps(self.fingerprint):
+            raise KBError(f"key step {step} must lie below a stored value step of KB {self.name} (stored steps {list(self.fingerprint.stored_steps)})")
         import hashlib
 
         dims, n = self.header.key_dims, self._count

@@ -14,6 +14,7 @@ from ..kb_tools import builder
 from ..kb_tools.errors import KBError
 from ..kb_tools.kb_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
 from ..kb_tools.knowledge_base import KnowledgeBase
+from ..kb_tools.paths import confined_file, read_text_lines
 from . import comfy_sampling, kb_types
 
 
@@ -44,23 +45,6 @@ def parse_steps(text: str, steps: int) -> tuple[int, ...]:
     return vals
 
 
-MAX_PROMPTS_FILE_BYTES = 64 << 20
-
-
-def prompts_file_path(name: str, input_dir: str) -> str:
-    """A prompts file inside ComfyUI's input folder (like LoadImage): a name relative to it, or
-    a path that resolves (symlinks included) to a file inside it; anything else is refused."""
-    root = os.path.realpath(input_dir)
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
-        raise KBError(f"prompts file {name!r} is outside ComfyUI's input folder; copy it into {root} and give its name (e.g. prompts.txt)")
-    if not os.path.isfile(path):
-        raise KBError(f"prompts file {name!r} not found in ComfyUI's input folder {root}; put a text file with one prompt per line there and give its name")
-    if os.path.getsize(path) > MAX_PROMPTS_FILE_BYTES:
-        raise KBError(f"prompts file {name!r} is larger than {MAX_PROMPTS_FILE_BYTES >> 20} MB; split it")
-    return path
-
-
 def read_prompts(prompts: str, prompts_file: str, input_dir: str | None = None) -> list[str]:
     """The prompt lines plus those of `prompts_file`, which must lie in `input_dir`
     (ComfyUI's input folder by default)."""
@@ -70,12 +54,8 @@ def read_prompts(prompts: str, prompts_file: str, input_dir: str | None = None) 
             import folder_paths
 
             input_dir = folder_paths.get_input_directory()
-        path = prompts_file_path(prompts_file.strip(), input_dir)
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines += f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise KBError(f"prompts file {prompts_file.strip()!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+        name = prompts_file.strip()
+        lines += read_text_lines(confined_file(name, input_dir), name)
     return builder.clean_prompts(lines)
 
 
@@ -125,7 +105,7 @@ class ReDiKBBuilder(io.ComfyNode):
 
 
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
-             seed_mode, seed, stored, progress=lambda done, total: None):
+             seed_mode, seed, stored, progress=lambda done, total: None, dtype="float16"):
     """The one build path, for the node and for `python -m kb_tools build`."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
@@ -149,7 +129,7 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds[0], stored)
 
     return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=progress,
-                         check_interrupt=comfy_sampling.check_interrupt)
+                         check_interrupt=comfy_sampling.check_interrupt, dtype=dtype)
 
 
 class ReDiKBLoader(io.ComfyNode):
