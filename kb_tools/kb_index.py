@@ -9,6 +9,8 @@ neighbours among the candidates.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -76,13 +78,20 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if len(q) > 16:
         d2, ids = index.search(q, k)
     else:
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
+        with single_thread():
             d2, ids = index.search(q, k)
-        finally:
-            faiss.omp_set_num_threads(threads)
     return np.sqrt(np.maximum(d2, 0.0)), ids
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run faiss on one OpenMP thread (its own runtime; torch's threads are not touched)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def assign(centroids: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -121,7 +130,8 @@ def ivf_index(centroids: np.ndarray, nprobe: int = DEFAULT_NPROBE) -> faiss.Inde
 def add_preassigned(index: faiss.IndexIVFFlat, keys: np.ndarray, lists: np.ndarray) -> None:
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     lists = np.ascontiguousarray(lists, dtype=np.int64)
-    index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(lists))
+    with single_thread():  # a memory copy into the lists: threads only contend (3.5 s vs 0.2 s measured)
+        index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(lists))
 
 
 def save_ivf(path: Path, centroids: np.ndarray, lists: np.ndarray) -> None:

@@ -168,15 +168,15 @@ class KnowledgeBase:
         end_rows = chunks[need][0]
         if os.stat(path).st_size < end_rows * dims * 4:
             raise KBError(f"{name} holds fewer than the {end_rows} committed keys; the KB is damaged, rebuild it")
-        out = np.empty((end_rows, dims), dtype=np.float32)
         with open(path, "rb") as f:
-            prev = 0
-            for rows, sha in chunks[: need + 1]:
-                raw = f.read((rows - prev) * dims * 4)
-                if hashlib.sha256(raw).hexdigest() != sha:
-                    raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
-                out[prev:rows] = np.frombuffer(raw, dtype="<f4").reshape(-1, dims)
-                prev = rows
+            buf = np.fromfile(f, dtype="<f4", count=end_rows * dims)
+        mv = memoryview(buf).cast("B")
+        prev = 0
+        for rows, sha in chunks[: need + 1]:
+            if hashlib.sha256(mv[prev * dims * 4 : rows * dims * 4]).hexdigest() != sha:
+                raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
+            prev = rows
+        out = buf.reshape(end_rows, dims)
         out = out[:n]
         check_values(out, name)
         return out
