@@ -51,7 +51,7 @@ def wants_ivf(rows: int, dims: int) -> bool:
 
 
 def nlist_for(rows: int) -> int:
-    return int(np.clip(2 * np.sqrt(rows), 64, 2048))
+    return int(np.clip(2 * np.sqrt(rows), 64, 1024))  # k-means beyond 1024 lists costs minutes here
 
 
 def flat_index(keys: np.ndarray) -> faiss.Index:
