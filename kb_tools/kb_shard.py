@@ -76,6 +76,7 @@ class ShardFile:
 
     def __init__(self, path: Path, rec: ShardRec, header: Header, check_head: bool = True):
         self.path, self.rec, self.name = Path(path), rec, rec.file
+        self.fd = -1
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         try:
             self.fd = os.open(self.path, flags)
@@ -84,7 +85,7 @@ class ShardFile:
         try:
             self._parse(header, check_head)
         except Exception:
-            os.close(self.fd)
+            self.close()  # and forget the number: a second close could hit a file or socket that reused it
             raise
 
     def _bad(self, what: str) -> KBError:
