@@ -3,9 +3,12 @@
     build     sample prompts headlessly into a KB (the KB Builder node's own code path), or with
               --workers URL,URL,... on several ComfyUI servers at once (fault-tolerant, resumable)
     inspect   fingerprint, size and sample prompts of a KB
-    validate  read every file and checksum; exit 1 with the reason if anything is wrong
+    validate  read every file, row and checksum; exit 1 listing every problem found
     merge     join KBs built elsewhere (same fingerprint) into a new one
     query     nearest stored trajectories of one stored entry or of a latent file
+    upgrade   convert a format-1 KB into a new format-2 KB (lossless)
+    recall    recall of the reduced-key search + re-rank against exact search, on a KB's own keys
+    bench-scale  write a synthetic KB of a given size through the real writer and time it
 """
 
 from __future__ import annotations
@@ -20,28 +23,52 @@ import numpy as np
 
 from . import builder
 from .errors import KBError
-from .kb_format import read_manifest
+from .kb_format import DEFAULT_STORED_STEPS, listed_files, read_header, read_state
 from .knowledge_base import KnowledgeBase
 
 
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+def _kb_size(path: Path) -> int:
+    return sum((path / f).stat().st_size for f in listed_files(path))
 
 
 def cmd_inspect(args) -> None:
-    m = read_manifest(Path(args.kb))
     kb_dir = Path(args.kb)
-    print(json.dumps({"kb": kb_dir.name, "entries": m.count, "shards": len(m.shards), "build_in_progress": m.planned > m.count,
-                      "bytes": _dir_size(kb_dir), "fingerprint": m.fingerprint.to_json()}, indent=1))
-    if m.count:
-        kb = KnowledgeBase.load(kb_dir, check_hash=False)
+    header = read_header(kb_dir)
+    st = read_state(kb_dir, header)
+    print(json.dumps({"kb": kb_dir.name, "format_version": 2, "entries": st.count, "shards": len(st.shards), "units": len(st.units),
+                      "dtype": header.dtype, "key_pool": header.pool, "key_dims": header.key_dims,
+                      "ivf_indexes": sorted(st.indexes), "bytes": _kb_size(kb_dir), "fingerprint": header.fingerprint.to_json()}, indent=1))
+    if st.count:
+        kb = KnowledgeBase(kb_dir, st)
         for e in kb.entries[: args.samples]:
-            print(f"  seed {e.seed}: {e.prompt}")
+            print(f"  seed {e.seed} pos {e.pos}: {e.prompt}")
 
 
 def cmd_validate(args) -> None:
-    kb = KnowledgeBase.load(Path(args.kb), check_hash=True)
-    print(f"ok: {kb.name}, {len(kb)} entries, every shard matches its checksum")
+    from .kb_validate import validate_kb
+
+    n = validate_kb(Path(args.kb))
+    print(f"ok: {Path(args.kb).name}, {n} entries; every file, row checksum, value and index checked")
+
+
+def cmd_upgrade(args) -> None:
+    from .kb_upgrade import upgrade
+
+    st = upgrade(Path(args.old), Path(args.new), dtype=args.dtype)
+    print(f"upgraded {args.old} -> {args.new}: {st.count} entries, format 2, {args.dtype}")
+
+
+def cmd_recall(args) -> None:
+    from .recall import measure_recall, print_table
+
+    print_table(measure_recall(Path(args.kb), args.space, args.step, args.queries, args.noise, args.h,
+                               [int(v) for v in args.rerank.split(",")], [int(v) for v in args.key_dims.split(",")]))
+
+
+def cmd_bench_scale(args) -> None:
+    from .bench_scale import run
+
+    run(args)
 
 
 def cmd_merge(args) -> None:
@@ -50,7 +77,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_query(args) -> None:
-    kb = KnowledgeBase.load(Path(args.kb), check_hash=False)
+    kb = KnowledgeBase.open(Path(args.kb))
     if args.latent:
         from safetensors.numpy import load_file
 
@@ -59,7 +86,7 @@ def cmd_query(args) -> None:
     else:
         if not 0 <= args.entry < len(kb):
             raise KBError(f"entry {args.entry} is out of range 0..{len(kb) - 1}")
-        q = kb.keys(args.space, args.step)[[args.entry]]
+        q = kb.full_keys(args.space, args.step, [args.entry])
         label = f"entry {args.entry}: {kb.entries[args.entry].prompt}"
     dist, ids = kb.search(args.space, args.step, q, args.n)
     print(f"query ({args.space} key at step {args.step}): {label}")
@@ -70,7 +97,7 @@ def cmd_query(args) -> None:
 
 def _prompts_from_args(args) -> list[str]:
     lines = list(args.prompt or [])
-    if args.prompts_file:
+    if args.prompts_file:  # the user's own file on their own shell: no input-folder confinement here
         path = Path(args.prompts_file)
         if not path.is_file():
             raise KBError(f"prompts file {path} not found; give a text file with one prompt per line")
@@ -84,6 +111,8 @@ def _prompts_from_args(args) -> list[str]:
 def cmd_build_distributed(args) -> None:
     from . import dist_build
 
+    if args.dtype != "float16":
+        raise KBError("--dtype float32 is for in-process builds; the workers' KB Builder node stores float16")
     settings = dist_build.Settings(
         ckpt=args.ckpt, negative=args.negative, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
         cfg=args.cfg, width=args.width, height=args.height, batch_size=args.batch_size, seed_mode=args.seed_mode,
@@ -103,14 +132,15 @@ def cmd_build(args) -> None:
     host.load_pack()
     kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
     model, clip, _vae = host.load_checkpoint(args.ckpt)
-    prompts = kb_nodes.read_prompts("\n".join(args.prompt or []), args.prompts_file or "")
+    prompts = _prompts_from_args(args)
     stored = kb_nodes.parse_steps(args.stored_steps, args.steps)
 
     def progress(done, total):
         print(f"\r{done}/{total} prompts", end="", flush=True)
 
     m = kb_nodes.build_kb(model, clip, Path(args.out), prompts, args.negative, args.sampler, args.scheduler, args.steps,
-                          args.cfg, args.width, args.height, args.batch_size, args.seed_mode, args.seed, stored, progress)
+                          args.cfg, args.width, args.height, args.batch_size, args.seed_mode, args.seed, stored, progress,
+                          dtype=args.dtype)
     print(f"\nKB {args.out}: {m.count} entries")
 
 
@@ -133,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed-mode", choices=["fixed", "range"], default="fixed")
     p.add_argument("--seed", type=int, default=1024)
-    p.add_argument("--stored-steps", default="3,4,5,6,8,10,12,14")
+    p.add_argument("--stored-steps", default=DEFAULT_STORED_STEPS)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of a new KB (float32: twice the size)")
     p.add_argument("--workers", help="comma-separated ComfyUI server URLs with this pack (e.g. http://gpu1:8188,http://gpu2:8188); "
                    "without it the build runs in this process")
     p.add_argument("--unit-size", type=int, default=64, help="prompts per work unit sent to one worker (with --workers)")
@@ -159,6 +190,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent", help="safetensors file holding a tensor named 'latent'")
     p.add_argument("-n", type=int, default=5)
     p.set_defaults(func=cmd_query)
+    p = sub.add_parser("upgrade", help="convert a format-1 KB into a new format-2 KB")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="float32 keeps it lossless (default)")
+    p.set_defaults(func=cmd_upgrade)
+    p = sub.add_parser("recall", help="recall of reduced-key search + re-rank against exact search")
+    p.add_argument("kb")
+    p.add_argument("--step", type=int, default=4)
+    p.add_argument("--space", choices=["latent", "denoised"], default="latent")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--noise", type=float, default=0.05, help="relative noise added to stored keys to make queries")
+    p.add_argument("--h", type=int, default=4)
+    p.add_argument("--rerank", default="4,8,16,32,64")
+    p.add_argument("--key-dims", default="16,64,256", help="pooled key sizes to compare")
+    p.set_defaults(func=cmd_recall)
+    p = sub.add_parser("bench-scale", help="synthetic KB through the real writer: size, open, query, append times")
+    p.add_argument("--latent", default="4x8x8", help="CxHxW, e.g. 4x64x64 for SD1.5 at 512x512")
+    p.add_argument("--entries", type=int, default=10000)
+    p.add_argument("--stored-steps", default=DEFAULT_STORED_STEPS)
+    p.add_argument("--batch", type=int, default=0, help="entries per append while writing (0: one shard's worth)")
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--keep", help="leave the KB in this folder (a normal KB for inspect/validate/query)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: time an existing KB in a fresh process
+    p.set_defaults(func=cmd_bench_scale)
     args = ap.parse_args(argv)
     try:
         args.func(args)

@@ -25,7 +25,7 @@ from .dist_plan import Unit, build_id, parse_unit_kb_name, plan_units, probe_kb_
 from .dist_schedule import Scheduler, format_table
 from .dist_verify import build_fingerprint, differences, unit_problems
 from .errors import KBError
-from .kb_format import Fingerprint
+from .kb_format import DEFAULT_STORED_STEPS, Fingerprint
 from .version import PACK_VERSION
 
 MAX_UNIT_BYTES = 8 << 30  # refuse a download larger than this per file
@@ -46,7 +46,7 @@ class Settings:
     batch_size: int = 32
     seed_mode: str = "fixed"
     seed: int = 1024
-    stored_steps: str = "3,4,5,6,8,10,12,14"
+    stored_steps: str = DEFAULT_STORED_STEPS
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class Coordinator:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.ref: Fingerprint | None = None
         self.probes: dict[str, Fingerprint | str] = {}
+        self.dtype = "float16"  # what the workers' Builder stores (read from the probes)
         self.ref_ready = threading.Event()
         self.sched: Scheduler | None = None
         self.redispatched = 0
@@ -158,7 +159,7 @@ class Coordinator:
             self.ref = next(fp for fp in good if counts[fp] == top)
             if len(counts) > 1:
                 self.log(f"workers disagree on the model; the build follows the majority (model_hash {self.ref.model_hash})")
-        dist_store.open_target(self.out, self.ref, len(self.prompts))
+        dist_store.open_target(self.out, self.ref, self.dtype)
         self.ref_ready.set()
 
     # --- one worker ---------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class Coordinator:
             self.log(f"unit {unit.uid} ({unit.count} prompts from #{unit.start}) -> {worker} (attempt {attempt})")
             t0 = time.monotonic()
             try:
-                unit_dir = self._run_unit(client, unit, name)
+                unit_dir, _fp, _dtype = self._run_unit(client, unit, name)
                 added = dist_store.add_unit(self.out, unit_dir, unit)
                 shutil.rmtree(unit_dir, ignore_errors=True)
                 if sched.unit_done(unit.uid, worker, time.monotonic() - t0) and added:
@@ -227,8 +228,7 @@ class Coordinator:
         name = probe_kb_name(self.bid, self.run)
         try:
             unit = Unit(-1, 0, self.units[0].prompts[:1], self.units[0].seed)
-            unit_dir = self._run_unit(client, unit, name, self.limits.probe_timeout, verify=False)
-            fp, _ = dist_store.read_unit(unit_dir)
+            unit_dir, fp, self.dtype = self._run_unit(client, unit, name, self.limits.probe_timeout, verify=False)
             shutil.rmtree(unit_dir, ignore_errors=True)
         finally:
             client.release([name])
@@ -253,7 +253,9 @@ class Coordinator:
                         self.log(f"cancelled unit {parsed[2]} of an earlier run on {client.base}")
                         client.cancel(item[1])
 
-    def _run_unit(self, client: ComfyClient, unit: Unit, name: str, timeout: float | None = None, verify: bool = True) -> Path:
+    def _run_unit(self, client: ComfyClient, unit: Unit, name: str, timeout: float | None = None,
+                  verify: bool = True) -> tuple[Path, Fingerprint, str]:
+        """Queue the unit, wait for it, download and verify it: (folder, fingerprint, dtype)."""
         pid = client.queue_prompt(builder_graph(self.s, unit.prompts, unit.seed, name))
         deadline = time.monotonic() + (timeout or self.limits.unit_timeout)
         down_since = None
@@ -285,18 +287,19 @@ class Coordinator:
         unit_dir = self.incoming / name
         shutil.rmtree(unit_dir, ignore_errors=True)
         unit_dir.mkdir(parents=True)
-        client.fetch(name, "manifest.json", unit_dir / "manifest.json", 16 << 20)
-        for f in dist_store.unit_files((unit_dir / "manifest.json").read_bytes()):
-            client.fetch(name, f, unit_dir / f, MAX_UNIT_BYTES)
         try:
-            fp, entries = dist_store.read_unit(unit_dir)
+            for f in dist_store.first_files():
+                client.fetch(name, f, unit_dir / f, 16 << 20)
+            for f in dist_store.rest_files(unit_dir):
+                client.fetch(name, f, unit_dir / f, MAX_UNIT_BYTES)
+            fp, entries, dtype = dist_store.read_unit(unit_dir)
         except KBError as e:
             raise UnitRejected(f"the unit's files failed verification: {e}") from e
         if verify:
             problems = unit_problems(self.ref, unit, fp, entries)
             if problems:
                 raise UnitRejected("the unit does not match the build: " + "; ".join(problems))
-        return unit_dir
+        return unit_dir, fp, dtype
 
 
 def progress_bar(stream=sys.stdout):

@@ -1,137 +1,103 @@
-"""The distributed build's only contact with the KB storage format.
+"""The distributed build's only contact with the KB storage format (v2, kb_tools.kb_writer).
 
-    listed_files(kb_dir)        the files a KB's manifest lists (what the file route may serve)
-    unit_files(manifest)        which files of a unit KB to download (manifest first)
-    read_unit(dir)              open and fully verify a downloaded unit KB -> (fingerprint, entries)
-    open_target(out, fp, n)     create (or reopen) the build's KB
-    units_held(out)             {unit id: unit record} the KB already holds
+    listed_files(kb_dir)        the files a KB consists of now (what the file route may serve)
+    first_files / rest_files    which files of a unit KB to download, in order
+    read_unit(dir)              fully verify a downloaded unit KB -> (fingerprint, entries, dtype)
+    open_target(out, fp, dtype) create (or reopen) the build's KB
+    units_held(out)             {unit: unit record} the KB already holds
+    read_fingerprint(out)       the build KB's fingerprint
     add_unit(out, dir, unit)    append a verified unit under its unit id (atomic, once)
-    finalize(out)               order entries by unit (= the single-process order), write indexes
+    finalize(out)               check the finished KB; returns its entry count
 
-Format v1: a unit's shards are moved into the KB under the next shard numbers and their
-manifest records carry the unit record ({"unit", "start", "count", "prompts_hash"}); the
-manifest is rewritten atomically after the shards are in place, so a kill in between leaves
-only unlisted shards, which the next open deletes.
+A unit's id in the KB log is "u<unit>@<first prompt>+<count>#<prompts hash>", so a resumed
+build can tell that the units a KB holds belong to the same plan. Entries keep their global
+prompt position (`pos`); their order in the KB is commit order (units finish out of order).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import threading
 from pathlib import Path
 
 from . import kb_format
-from .builder import COMPAT_FIELDS
 from .dist_plan import Unit
 from .errors import KBError
-from .kb_format import Entry, Fingerprint, Manifest
-from .knowledge_base import KnowledgeBase
+from .kb_format import Entry, Fingerprint
+from .kb_validate import validate_kb
+from .kb_writer import append_kb, create_kb
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_lock = threading.Lock()  # one writer per process; the coordinator is the only writer of its KB
+UNIT_ID_RE = re.compile(r"^u(\d+)@(\d+)\+(\d+)#([0-9a-f]{16})$")
+
+
+def unit_id(unit: Unit) -> str:
+    return f"u{unit.uid}@{unit.start}+{unit.count}#{unit.prompts_hash()}"
 
 
 def listed_files(kb_dir: Path) -> set[str]:
-    """The manifest and the files it lists (plain names). v1 does not list its faiss indexes,
-    so they are not served (a unit's indexes are rebuilt by the build's KB anyway)."""
-    return {kb_format.MANIFEST, *unit_files((Path(kb_dir) / kb_format.MANIFEST).read_bytes())}
+    return set(kb_format.listed_files(Path(kb_dir)))
 
 
-def unit_files(manifest_bytes: bytes) -> list[str]:
-    """Files a unit KB's manifest lists (plain names only), to download after the manifest."""
+def first_files() -> list[str]:
+    """Downloaded first: they say which other files the unit consists of."""
+    return [kb_format.MANIFEST, kb_format.LOG]
+
+
+def rest_files(unit_dir: Path) -> list[str]:
+    """The other files a downloaded unit's manifest and log list (plain names only)."""
     try:
-        data = json.loads(manifest_bytes)
-        names = [s["file"] for s in data["shards"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise KBError(f"the unit's manifest is not a valid KB manifest ({e})") from e
-    bad = [n for n in names if not isinstance(n, str) or not PLAIN_NAME.match(n) or n == kb_format.MANIFEST]
+        names = [n for n in kb_format.listed_files(Path(unit_dir)) if n not in first_files()]
+    except (KBError, OSError, ValueError) as e:
+        raise KBError(f"the unit's manifest or log is not valid ({e})") from e
+    bad = [n for n in names if not isinstance(n, str) or not PLAIN_NAME.match(n)]
     if bad:
-        raise KBError(f"the unit's manifest lists files with unsafe names: {bad[:3]}")
+        raise KBError(f"the unit's log lists files with unsafe names: {bad[:3]}")
     return names
 
 
-def read_unit(unit_dir: Path) -> tuple[Fingerprint, list[Entry]]:
-    """Every checksum, shape and value of a downloaded unit KB checked; KBError otherwise."""
-    kb = KnowledgeBase.load(unit_dir, check_hash=True)  # checksums, shapes, entry counts, finite values
-    return kb.fingerprint, kb.entries
+def read_unit(unit_dir: Path) -> tuple[Fingerprint, list[Entry], str]:
+    """Every checksum, row, shape and value of a downloaded unit KB checked; KBError otherwise."""
+    validate_kb(unit_dir)
+    from .knowledge_base import KnowledgeBase
+
+    kb = KnowledgeBase.open(unit_dir)
+    try:
+        return kb.fingerprint, list(kb.entries), kb.header.dtype
+    finally:
+        kb.close()
 
 
-def open_target(out: Path, fp: Fingerprint, planned: int) -> None:
+def open_target(out: Path, fp: Fingerprint, dtype: str) -> None:
     """Create the build's KB, or reopen it for a resumed build (same fingerprint required)."""
     out = Path(out)
-    with _lock:
-        if (out / kb_format.MANIFEST).is_file():
-            m = kb_format.read_manifest(out)
-            bad = [f for f in ("model_hash", "model_name", *COMPAT_FIELDS) if getattr(m.fingerprint, f) != getattr(fp, f)]
-            if m.fingerprint.seed != fp.seed:
-                bad.append("seed")
-            if bad:
-                diffs = ", ".join(f"{f}: KB has {getattr(m.fingerprint, f)!r}, build has {getattr(fp, f)!r}" for f in bad)
-                raise KBError(f"{out} already holds a KB with other settings ({diffs}); choose another --out or match its settings")
-            if any("unit" not in s for s in m.shards):
-                raise KBError(f"{out} holds entries that were not built as units of a distributed build; choose another --out")
-            _remove_orphans(out, m)
-            m.planned = planned
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            m = Manifest(fp, [], planned)
-        kb_format.write_manifest(out, m)
+    header = create_kb(out, fp, dtype=dtype)
+    if header.fingerprint.seed != fp.seed:
+        raise KBError(f"{out} already holds a KB built from seed {header.fingerprint.seed}, this build uses {fp.seed}; "
+                      "choose another --out or the same --seed")
+    if header.dtype != dtype:
+        raise KBError(f"{out} stores {header.dtype}, the workers build {dtype}; choose another --out")
+    if kb_format.read_state(out, header).count and not units_held(out):
+        raise KBError(f"{out} holds entries that were not built as units of a distributed build; choose another --out")
 
 
 def read_fingerprint(out: Path) -> Fingerprint:
-    return kb_format.read_manifest(Path(out)).fingerprint
+    return kb_format.read_header(Path(out)).fingerprint
 
 
 def units_held(out: Path) -> dict[int, dict]:
-    m = kb_format.read_manifest(Path(out))
     held: dict[int, dict] = {}
-    for s in m.shards:
-        rec = held.setdefault(int(s["unit"]), {k: s[k] for k in ("unit", "start", "prompts_hash")} | {"count": 0})
-        rec["count"] += int(s["count"])
+    for uid in kb_format.read_units(Path(out)):
+        m = UNIT_ID_RE.match(uid)
+        if not m:
+            raise KBError(f"{out} holds a unit {uid!r} that this build did not make; choose another --out")
+        held[int(m.group(1))] = {"unit": int(m.group(1)), "start": int(m.group(2)), "count": int(m.group(3)), "prompts_hash": m.group(4)}
     return held
 
 
 def add_unit(out: Path, unit_dir: Path, unit: Unit) -> bool:
-    """Move a verified unit's shards into the KB under `unit.uid`; False if it is already held."""
-    out, unit_dir = Path(out), Path(unit_dir)
-    src = kb_format.read_manifest(unit_dir)
-    with _lock:
-        m = kb_format.read_manifest(out)
-        if any(int(s["unit"]) == unit.uid for s in m.shards):
-            return False
-        taken = {s["file"] for s in m.shards}
-        n = len(m.shards)
-        new = []
-        for rec in src.shards:
-            while f"shard_{n:05d}.safetensors" in taken:
-                n += 1
-            name = f"shard_{n:05d}.safetensors"
-            n += 1
-            os.replace(unit_dir / rec["file"], out / name)
-            new.append({"file": name, "count": rec["count"], "sha256": rec["sha256"], **{k: v for k, v in unit.record().items() if k != "count"}})
-        m.shards.extend(new)
-        kb_format.write_manifest(out, m)
-        return True
+    """Append a verified unit to the KB as one atomic step; False if it already holds it."""
+    return append_kb(Path(out), Path(unit_dir), unit=unit_id(unit), first_pos=unit.start)
 
 
 def finalize(out: Path) -> int:
-    """Order the shards by unit (so entry i is global prompt i), end the build, write indexes."""
-    out = Path(out)
-    with _lock:
-        m = kb_format.read_manifest(out)
-        m.shards.sort(key=lambda s: (int(s["unit"]), s["file"]))
-        m.planned = 0
-        kb_format.write_manifest(out, m)
-    KnowledgeBase.load(out, check_hash=False).write_indexes()
-    return m.count
-
-
-def _remove_orphans(out: Path, m: Manifest) -> None:
-    listed = {s["file"] for s in m.shards}
-    for f in out.glob("shard_*.safetensors"):
-        if f.name not in listed:
-            f.unlink()
-    for f in out.glob(".*.tmp"):
-        f.unlink()
+    return kb_format.read_state(Path(out)).count

@@ -1,39 +1,68 @@
-"""The on-disk knowledge base (format version 1).
+"""The on-disk knowledge base, format version 2 (built to open in seconds at 100k+ entries).
 
     NAME/
-      manifest.json        format, version, fingerprint, shard list (source of truth)
-      shard_00000.safetensors ...
-                           one finished build batch each: "x.{s}" (the latent after s
-                           steps) and "d.{s}" (the model's denoised estimate at step s-1)
-                           for every stored step s, plus JSON entry metadata
-                           (prompt, seed) in the safetensors header
-      index_latent.faiss, index_denoised.faiss
-                           exact L2 indexes over the keys, rebuilt on every change
+      manifest.json   written once at creation, never rewritten: format, version,
+                      fingerprint, storage dtype, key pooling factor, rows per shard
+      log.jsonl       append-only commit log, one JSON line per committed step; each line
+                      is self-checksummed, chained to the previous one, and repeats the
+                      cumulative state (entry count, shard count, prompt chain, index files)
+                      so a writer reads only the last line. The trailing newline is the
+                      commit point: a line without it (a killed writer) does not exist.
+      shard_NNNNNN.safetensors
+                      bounded batches: "x.{s}" (latent after s steps) and "d.{s}" (the
+                      model's denoised estimate at step s-1) for every stored step, in the
+                      manifest's dtype, a crc32 per row ("crc.x.{s}", "crc.d.{s}"), and the
+                      entries ({prompt, seed, pos}) as JSON in the header
+      rkeys_{space}_{step}.f32
+                      append-only float32 rows of the reduced (average-pooled) keys, one per
+                      entry in commit order, checksummed per committed chunk in the log
+      ivf_{space}_{step}_{rows}.safetensors
+                      an IVF index over the first `rows` reduced keys, only for large KBs
+      .lock           the writer lock (not part of the KB)
 
-Every write is atomic (temp file + rename) and the manifest is written last, so a
-build killed midway keeps each finished shard and nothing half-written is read.
-No pickle anywhere: tensors are safetensors, metadata JSON, indexes faiss' format.
+A KB folder is untrusted input: only files it lists, with plain names matching the
+patterns below, regular files inside the folder (no symlinks), are ever opened; every
+size read from a file is bounded before anything is allocated; the manifest and the log
+are validated against a schema with one message per problem.
+No pickle anywhere: tensors and IVF indexes are safetensors, metadata JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
-
-from .atomic import write_atomic, write_json_atomic
+from .atomic import write_json_atomic
 from .errors import KBError
 
 FORMAT = "redi-kb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+LOG = "log.jsonl"
+LOCK = ".lock"
 KEY_SPACES = ("latent", "denoised")
+DTYPES = ("float16", "float32")
+
+SHARD_RE = re.compile(r"^shard_[0-9]{6}\.safetensors$")
+RKEYS_RE = re.compile(r"^rkeys_(latent|denoised)_[0-9]{1,4}\.f32$")
+IVF_RE = re.compile(r"^ivf_(latent|denoised)_[0-9]{1,4}_[0-9]{1,10}\.safetensors$")
+KEY_RE = re.compile(r"^(latent|denoised)_[0-9]{1,4}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_LOG_LINE_BYTES = 1 << 20
+MAX_LATENT_ELEMENTS = 16 * 512 * 512  # a 4096x4096 image with 16 latent channels
+MAX_SHARD_ROWS = 65536
+MAX_ABS_VALUE = 1.0e4  # latents and denoised estimates of real models stay far below
+DEFAULT_SHARD_BYTES = 256 << 20  # a shard's payload stays under this (and never above MAX_SHARD_ROWS rows)
+DEFAULT_STORED_STEPS = "4,10"  # the node defaults' key and value steps
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,8 @@ class Fingerprint:
             raise KBError(f"seed_mode must be 'fixed' or 'range', not {self.seed_mode!r}")
         if not self.stored_steps or min(self.stored_steps) < 1 or max(self.stored_steps) > self.steps:
             raise KBError(f"stored steps {list(self.stored_steps)} must lie in 1..{self.steps} (the KB's step count)")
+        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1 or _prod(self.latent_shape) > MAX_LATENT_ELEMENTS:
+            raise KBError(f"latent shape {list(self.latent_shape)} must be 3 positive sizes of at most {MAX_LATENT_ELEMENTS} elements")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,14 +98,62 @@ class Fingerprint:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Fingerprint:
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise KBError(f"manifest fingerprint has unexpected fields ({e}); rebuild the KB with this version") from e
+    def from_json(cls, d: Any, where: str = "manifest") -> Fingerprint:
+        problems = fingerprint_problems(d)
+        if problems:
+            raise KBError(f"{where}: the fingerprint is invalid:\n- " + "\n- ".join(problems))
+        return cls(**d)
 
     def mismatches(self, other: Fingerprint, fields: tuple[str, ...]) -> list[str]:
         return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for v in shape:
+        n *= int(v)
+    return n
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_ok(v: Any, annotation: str) -> bool:
+    if annotation == "str":
+        return isinstance(v, str) and len(v) <= 4096
+    if annotation == "int":
+        return _is_int(v)
+    if annotation == "float":
+        return (_is_int(v) or isinstance(v, float)) and abs(v) < 1e12
+    if annotation == "bool":
+        return isinstance(v, bool)
+    if annotation.startswith("tuple"):
+        return isinstance(v, list) and 0 < len(v) <= 1000 and all(_is_int(x) for x in v)
+    return False
+
+
+def fingerprint_problems(d: Any) -> list[str]:
+    """One message per problem of a fingerprint read from JSON (fields may be added with defaults)."""
+    if not isinstance(d, dict):
+        return [f"fingerprint must be an object, not {type(d).__name__}"]
+    problems = []
+    fields = {f.name: f for f in dataclasses.fields(Fingerprint)}
+    for name in d:
+        if name not in fields:
+            problems.append(f"unknown fingerprint field {name!r} (a KB from a newer pack? update the pack)")
+    for name, f in fields.items():
+        if name not in d:
+            if f.default is dataclasses.MISSING:
+                problems.append(f"fingerprint field {name!r} is missing")
+        elif not _type_ok(d[name], str(f.type)):
+            problems.append(f"fingerprint field {name!r} must be {f.type}, not {d[name]!r:.60}")
+    if not problems:
+        try:
+            Fingerprint(**d)
+        except KBError as e:
+            problems.append(str(e))
+    return problems
 
 
 def text_hash(text: str) -> str:
@@ -85,30 +164,97 @@ def text_hash(text: str) -> str:
 class Entry:
     prompt: str
     seed: int
+    pos: int = -1  # the entry's position in the build's global prompt list (-1: unknown)
+
+
+@dataclass(frozen=True)
+class Header:
+    """manifest.json: what never changes after a KB is created."""
+
+    fingerprint: Fingerprint
+    dtype: str = "float16"
+    pool: int = 1  # average-pooling factor of the reduced keys (1: the full key)
+    shard_rows: int = 4096
+
+    @property
+    def key_dims(self) -> int:
+        c, h, w = self.fingerprint.latent_shape
+        return c * (h // self.pool) * (w // self.pool)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint.to_json(),
+                "dtype": self.dtype, "pool": self.pool, "shard_rows": self.shard_rows}
+
+
+@dataclass(frozen=True)
+class ShardRec:
+    file: str
+    count: int
+    first: int  # global row of its first entry
+    sha256: str  # of the whole file (validate)
+    head_sha: str  # of its header and row-checksum tables (checked on first use)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class IndexRec:
+    file: str
+    rows: int
+    sha256: str
 
 
 @dataclass
-class Manifest:
-    fingerprint: Fingerprint
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    planned: int = 0  # entries a resumable build aims for (0: no build in progress)
+class State:
+    """A consistent snapshot of a KB: the manifest plus the committed log."""
+
+    header: Header
+    count: int = 0
+    nshards: int = 0
+    chain: str = ""  # hash chain over the committed prompts, in commit order
+    seq: int = -1
+    last_sha: str = ""
+    log_bytes: int = 0  # length of the committed log
+    shards: list[ShardRec] = field(default_factory=list)
+    units: set[str] = field(default_factory=set)
+    key_chunks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # key -> [(rows after, sha of chunk)]
+    indexes: dict[str, IndexRec] = field(default_factory=dict)
 
     @property
-    def count(self) -> int:
-        return sum(s["count"] for s in self.shards)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint.to_json(),
-            "shards": self.shards,
-            "entries": self.count,
-            "planned": self.planned,
-        }
+    def fingerprint(self) -> Fingerprint:
+        return self.header.fingerprint
 
 
-def _sha256(path: Path) -> str:
+def key_steps(fp: Fingerprint) -> tuple[int, ...]:
+    """Stored steps that can serve as key steps (the key step must lie below a stored value step)."""
+    return fp.stored_steps[:-1]
+
+
+def key_list(fp: Fingerprint) -> list[tuple[str, int]]:
+    """(space, step) of every reduced-key file a KB keeps."""
+    return [(space, s) for space in KEY_SPACES for s in key_steps(fp)]
+
+
+def key_name(space: str, step: int) -> str:
+    return f"{space}_{step}"
+
+
+def rkeys_file(space: str, step: int) -> str:
+    return f"rkeys_{space}_{step}.f32"
+
+
+def chain_step(chain: str, prompt: str) -> str:
+    return hashlib.sha256((chain + "\0" + prompt).encode()).hexdigest()
+
+
+def prompt_chain(prompts: list[str], chain: str = "") -> str:
+    for p in prompts:
+        chain = chain_step(chain, p)
+    return chain
+
+
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,73 +262,249 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(kb_dir: Path) -> Manifest:
+def safe_file(kb_dir: Path, name: Any, pattern: re.Pattern | None = None, must_exist: bool = True) -> Path:
+    """The path of a file a KB lists, refusing anything that is not a plain name of a regular
+    file inside the folder (separators, '..', absolute paths, symlinks, devices)."""
     kb_dir = Path(kb_dir)
-    path = kb_dir / MANIFEST
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        raise KBError(f"KB {kb_dir.name} names the file {name!r:.80}, which is not a plain file name inside the KB folder; the KB is corrupt or hostile, do not use it")
+    if pattern is not None and not pattern.match(name):
+        raise KBError(f"KB {kb_dir.name} names the file {name!r:.80}, which is not a KB file name ({pattern.pattern}); the KB is corrupt or hostile, do not use it")
+    path = kb_dir / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if must_exist:
+            raise KBError(f"{name} is listed by KB {kb_dir.name} but missing; the KB is incomplete, rebuild or re-copy it") from None
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise KBError(f"{name} in KB {kb_dir.name} is a symbolic link; a KB may only hold its own regular files (copy the file in instead of linking it)")
+    if not stat.S_ISREG(st.st_mode):
+        raise KBError(f"{name} in KB {kb_dir.name} is not a regular file; the KB is corrupt or hostile, do not use it")
+    return path
+
+
+def _check_dir(kb_dir: Path) -> Path:
+    kb_dir = Path(kb_dir)
     if not kb_dir.is_dir():
         raise KBError(f"no knowledge base at {kb_dir}: build one with the ReDi KB Builder node or `python -m kb_tools build`")
-    if not path.is_file():
-        raise KBError(f"{kb_dir} has no {MANIFEST}: it is not a ReDi knowledge base (or its build never finished a batch); rebuild it")
+    return kb_dir
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    size = os.stat(path).st_size
+    if size > limit:
+        raise KBError(f"{path.name} is {size} bytes, more than the {limit} a {what} may have; the KB is corrupt or hostile, do not use it")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def header_problems(data: Any) -> list[str]:
+    if not isinstance(data, dict):
+        return [f"the manifest must be a JSON object, not {type(data).__name__}"]
+    problems = []
+    if data.get("dtype") not in DTYPES:
+        problems.append(f"dtype must be one of {DTYPES}, not {data.get('dtype')!r:.40}")
+    if not _is_int(data.get("pool")) or not 1 <= data["pool"] <= 512:
+        problems.append(f"pool must be an integer in 1..512, not {data.get('pool')!r:.40}")
+    if not _is_int(data.get("shard_rows")) or not 1 <= data["shard_rows"] <= MAX_SHARD_ROWS:
+        problems.append(f"shard_rows must be an integer in 1..{MAX_SHARD_ROWS}, not {data.get('shard_rows')!r:.40}")
+    fp_problems = fingerprint_problems(data.get("fingerprint"))
+    problems += fp_problems
+    if not fp_problems and _is_int(data.get("pool")) and data["pool"] >= 1:
+        _, h, w = data["fingerprint"]["latent_shape"]
+        if h % data["pool"] or w % data["pool"]:
+            problems.append(f"pool {data['pool']} does not divide the latent size {h}x{w}")
+    return problems
+
+
+def read_header(kb_dir: Path) -> Header:
+    kb_dir = _check_dir(kb_dir)
+    if not os.path.lexists(kb_dir / MANIFEST):
+        raise KBError(f"{kb_dir} has no {MANIFEST}: it is not a ReDi knowledge base (or its build never started); build it")
+    path = safe_file(kb_dir, MANIFEST)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_bounded(path, MAX_MANIFEST_BYTES, "manifest"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KBError(f"{path} is not valid JSON ({e}); the KB is corrupt, rebuild it") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise KBError(f"{path} is not a ReDi KB manifest (format field is {data.get('format') if isinstance(data, dict) else None!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+        raise KBError(f"{path} is not a ReDi KB manifest (format field is {data.get('format') if isinstance(data, dict) else None!r:.40})")
+    version = data.get("format_version")
+    if version == 1:
         raise KBError(
-            f"{kb_dir.name} has format_version {data.get('format_version')}, this pack reads version {FORMAT_VERSION}; "
-            "rebuild the KB with this version of the pack"
+            f"{kb_dir.name} is a format-1 knowledge base; convert it once with "
+            f"`python -m kb_tools upgrade {kb_dir} {kb_dir}_v2` (lossless) and use the new folder"
         )
-    fp = Fingerprint.from_json(data.get("fingerprint", {}))
-    return Manifest(fp, list(data.get("shards", [])), int(data.get("planned", 0)))
+    if version != FORMAT_VERSION:
+        raise KBError(f"{kb_dir.name} has format_version {version!r:.20}, this pack reads version {FORMAT_VERSION}; rebuild the KB with this version of the pack")
+    problems = header_problems(data)
+    if problems:
+        raise KBError(f"{path} is invalid:\n- " + "\n- ".join(problems))
+    return Header(Fingerprint(**data["fingerprint"]), data["dtype"], data["pool"], data["shard_rows"])
 
 
-def write_manifest(kb_dir: Path, manifest: Manifest) -> None:
-    write_json_atomic(Path(kb_dir) / MANIFEST, manifest.to_json())
+def write_header(kb_dir: Path, header: Header) -> None:
+    write_json_atomic(Path(kb_dir) / MANIFEST, header.to_json())
 
 
-def write_shard(
-    kb_dir: Path, index: int, fp: Fingerprint, x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Entry]
-) -> dict[str, Any]:
-    """Write one batch of trajectories as a shard; returns its manifest record."""
-    n = len(entries)
-    tensors = {}
-    for s in fp.stored_steps:
-        for name, src in (("x", x), ("d", d)):
-            arr = np.ascontiguousarray(src[s], dtype=np.float32)
-            if arr.shape != (n, *fp.latent_shape):
-                raise KBError(f"shard {name}.{s} has shape {arr.shape}, expected {(n, *fp.latent_shape)}")
-            tensors[f"{name}.{s}"] = arr
-    name = f"shard_{index:05d}.safetensors"
-    meta = {"entries": json.dumps([asdict(e) for e in entries])}
-    write_atomic(Path(kb_dir) / name, lambda p: save_file(tensors, str(p), metadata=meta))
-    return {"file": name, "count": n, "sha256": _sha256(Path(kb_dir) / name)}
+# ---- the commit log -------------------------------------------------------------------------
+
+def line_sha(obj: dict[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != "sha"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_shard(kb_dir: Path, record: dict[str, Any], fp: Fingerprint, check_hash: bool) -> tuple[dict[str, np.ndarray], list[Entry]]:
-    path = Path(kb_dir) / record["file"]
-    if not path.is_file():
-        raise KBError(f"{path.name} is listed in the manifest but missing; the KB is incomplete, rebuild or re-copy it")
-    if check_hash and _sha256(path) != record["sha256"]:
-        raise KBError(f"{path.name} does not match its checksum in the manifest: the file is corrupt or was changed; rebuild the KB")
-    try:
-        with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated or garbage files
-        raise KBError(f"{path.name} cannot be read as safetensors ({e}); the KB is corrupt, rebuild it") from e
-    try:
-        entries = [Entry(**e) for e in json.loads(meta["entries"])]
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise KBError(f"{path.name} has no valid entry metadata; the KB is corrupt, rebuild it") from e
-    n = record["count"]
-    for s in fp.stored_steps:
-        for name in ("x", "d"):
-            arr = tensors.get(f"{name}.{s}")
-            if arr is None or arr.shape != (n, *fp.latent_shape):
-                got = None if arr is None else arr.shape
-                raise KBError(f"{path.name}: tensor {name}.{s} is {got}, expected {(n, *fp.latent_shape)}; the KB is corrupt, rebuild it")
-    if len(entries) != n:
-        raise KBError(f"{path.name} holds {len(entries)} entries, the manifest says {n}; the KB is corrupt, rebuild it")
-    return tensors, entries
+def encode_line(obj: dict[str, Any]) -> bytes:
+    obj = dict(obj)
+    obj["sha"] = line_sha(obj)
+    data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    if len(data) > MAX_LOG_LINE_BYTES:
+        raise KBError(f"a log line of {len(data)} bytes exceeds the limit {MAX_LOG_LINE_BYTES}; append fewer shards per step")
+    return data
+
+
+def _line_problems(obj: Any, header: Header, prev: State) -> list[str]:
+    if not isinstance(obj, dict):
+        return ["a log line must be a JSON object"]
+    p = []
+    for name in ("seq", "count", "nshards"):
+        if not _is_int(obj.get(name)) or obj[name] < 0:
+            p.append(f"{name} must be a non-negative integer, not {obj.get(name)!r:.40}")
+    for name in ("sha", "prev", "chain"):
+        v = obj.get(name)
+        if not (isinstance(v, str) and (SHA_RE.match(v) or (v == "" and name != "sha"))):
+            p.append(f"{name} must be a sha256 hex string, not {v!r:.40}")
+    if obj.get("op") not in ("add", "index"):
+        p.append(f"op must be 'add' or 'index', not {obj.get('op')!r:.40}")
+    if p:
+        return p
+    if obj["seq"] != prev.seq + 1 or obj["prev"] != prev.last_sha:
+        p.append(f"line {obj['seq']} does not follow line {prev.seq} (lines were removed, reordered or edited)")
+    if line_sha(obj) != obj["sha"]:
+        p.append(f"line {obj['seq']} does not match its checksum (edited or damaged)")
+    unit = obj.get("unit")
+    if unit is not None and not (isinstance(unit, str) and 0 < len(unit) <= 256):
+        p.append(f"unit must be null or a string of 1..256 characters, not {unit!r:.40}")
+    shards = obj.get("shards", [])
+    keys = obj.get("keys", {})
+    indexes = obj.get("indexes", {})
+    if not isinstance(shards, list) or not isinstance(keys, dict) or not isinstance(indexes, dict):
+        return p + ["shards must be a list, keys and indexes objects"]
+    count, nshards = prev.count, prev.nshards
+    for rec in shards:
+        if not isinstance(rec, dict) or set(rec) != {"file", "count", "first", "sha256", "head_sha"}:
+            p.append(f"a shard record must have exactly file, count, first, sha256, head_sha: {str(rec)[:80]}")
+            continue
+        if not (isinstance(rec["file"], str) and SHARD_RE.match(rec["file"])):
+            p.append(f"shard file {rec['file']!r:.80} is not a plain shard name like shard_000000.safetensors")
+        if not _is_int(rec["count"]) or not 1 <= rec["count"] <= header.shard_rows:
+            p.append(f"shard count {rec['count']!r:.40} must be an integer in 1..{header.shard_rows}")
+        elif rec["first"] != count:
+            p.append(f"shard {rec['file']!r:.80} starts at row {rec['first']!r:.40}, expected {count}")
+        else:
+            count += rec["count"]
+        nshards += 1
+        for h in ("sha256", "head_sha"):
+            if not (isinstance(rec[h], str) and SHA_RE.match(rec[h])):
+                p.append(f"shard {h} must be a sha256 hex string")
+    if obj["count"] != count or obj["nshards"] != nshards:
+        p.append(f"line {obj['seq']} claims {obj['count']} entries in {obj['nshards']} shards, its records add up to {count} in {nshards}")
+    for k, v in keys.items():
+        if not (isinstance(k, str) and KEY_RE.match(k)) or not (isinstance(v, str) and SHA_RE.match(v)):
+            p.append(f"reduced-key chunk {k!r:.40}: {v!r:.40} is not a key name with a sha256")
+    for k, v in indexes.items():
+        if not isinstance(v, dict) or set(v) != {"file", "rows", "sha256"} or not (isinstance(v["file"], str) and IVF_RE.match(v["file"])) \
+                or not _is_int(v["rows"]) or not 0 < v["rows"] <= obj["count"] or not (isinstance(v["sha256"], str) and SHA_RE.match(v["sha256"])):
+            p.append(f"index record {k!r:.40} is invalid: {str(v)[:100]}")
+    return p
+
+
+def _apply_line(st: State, obj: dict[str, Any], keep_shards: bool) -> None:
+    if keep_shards:
+        st.shards.extend(ShardRec(**r) for r in obj.get("shards", []))
+        for k, sha in obj.get("keys", {}).items():
+            st.key_chunks.setdefault(k, []).append((obj["count"], sha))
+    if obj.get("unit") is not None:
+        st.units.add(obj["unit"])
+    st.count, st.nshards, st.chain = obj["count"], obj["nshards"], obj["chain"]
+    st.seq, st.last_sha = obj["seq"], obj["sha"]
+    st.indexes = {k: IndexRec(**v) for k, v in obj.get("indexes", {}).items()}
+
+
+def read_state(kb_dir: Path, header: Header | None = None) -> State:
+    """The whole committed log (shards, units, chunk checksums), validated line by line."""
+    kb_dir = _check_dir(kb_dir)
+    header = header or read_header(kb_dir)
+    st = State(header)
+    if not os.path.lexists(kb_dir / LOG):
+        return st
+    path = safe_file(kb_dir, LOG)
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # a trailing line without its newline was never committed
+    pos = 0
+    while pos < end:
+        nl = data.index(b"\n", pos)
+        raw = data[pos:nl]
+        if len(raw) > MAX_LOG_LINE_BYTES:
+            raise KBError(f"{LOG} of KB {kb_dir.name}: line {st.seq + 1} is longer than {MAX_LOG_LINE_BYTES} bytes; the KB is corrupt or hostile")
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KBError(f"{LOG} of KB {kb_dir.name}: line {st.seq + 1} is not JSON ({e}); the KB is corrupt, rebuild it") from e
+        problems = _line_problems(obj, header, st)
+        if problems:
+            raise KBError(f"{LOG} of KB {kb_dir.name}, line {st.seq + 1}, is invalid:\n- " + "\n- ".join(problems))
+        _apply_line(st, obj, keep_shards=True)
+        pos = nl + 1
+    st.log_bytes = end
+    return st
+
+
+def read_tail_state(kb_dir: Path, header: Header) -> State:
+    """Only the cumulative state of the last committed line (a writer's view: O(1) in the KB size)."""
+    path = safe_file(kb_dir, LOG, must_exist=False)
+    st = State(header)
+    if not path.exists():
+        return st
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        buf, pos = b"", size
+        while pos > 0 and buf.count(b"\n") < 2:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            if len(buf) > 2 * MAX_LOG_LINE_BYTES + (1 << 16):
+                raise KBError(f"{LOG} of KB {Path(kb_dir).name} has a line over {MAX_LOG_LINE_BYTES} bytes; the KB is corrupt")
+    end = buf.rfind(b"\n")
+    if end < 0:
+        return st
+    start = buf.rfind(b"\n", 0, end) + 1
+    obj = json.loads(buf[start:end])
+    if not isinstance(obj, dict) or line_sha(obj) != obj.get("sha"):
+        raise KBError(f"the last line of {LOG} in KB {Path(kb_dir).name} does not match its checksum; run `python -m kb_tools validate`")
+    _apply_line(st, obj, keep_shards=False)
+    st.log_bytes = pos + end + 1
+    return st
+
+
+def read_units(kb_dir: Path) -> frozenset[str]:
+    """Unit ids already committed to the KB (an empty set when it does not exist yet)."""
+    if not os.path.lexists(Path(kb_dir) / MANIFEST):
+        return frozenset()
+    return frozenset(read_state(kb_dir).units)
+
+
+def listed_files(kb_dir: Path) -> list[str]:
+    """Exactly the files that make up the KB now (what a read-only file route may serve)."""
+    st = read_state(kb_dir)
+    files = [MANIFEST]
+    if st.seq >= 0:
+        files.append(LOG)
+    files += [s.file for s in st.shards]
+    for k in sorted(st.key_chunks):
+        space, step = k.rsplit("_", 1)
+        files.append(rkeys_file(space, int(step)))
+    files += sorted(r.file for r in st.indexes.values())
+    return files

@@ -1,72 +1,108 @@
-"""A loaded knowledge base: fingerprint, entries, stored latents and faiss search."""
+"""An opened knowledge base: fingerprint and entry table in RAM, everything else on demand.
+
+Opening reads manifest.json and log.jsonl only. The first search in a (key space, key
+step) reads that key's reduced keys (and IVF list file for large KBs) and builds its faiss
+index; full keys and values are then read row by row from the shards, only for the
+candidates and neighbours of a query, each row checked against its checksum.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import faiss
 import numpy as np
 
-from . import kb_format, kb_index
+from . import kb_index
 from .errors import KBError
-from .kb_format import KEY_SPACES, Entry, Fingerprint
+from .kb_format import (
+    IVF_RE,
+    KEY_SPACES,
+    RKEYS_RE,
+    Entry,
+    State,
+    key_name,
+    key_steps,
+    read_header,
+    read_state,
+    rkeys_file,
+    safe_file,
+    sha256_file,
+)
+from .kb_shard import ShardCache, check_values
+
+
+class _Entries(Sequence):
+    """kb.entries[i]: an entry read from its shard's header on first use."""
+
+    def __init__(self, kb: KnowledgeBase):
+        self._kb = kb
+
+    def __len__(self) -> int:
+        return len(self._kb)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._kb.entry(j) for j in range(*i.indices(len(self)))]
+        return self._kb.entry(int(i))
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (self._kb.entry(j) for j in range(len(self)))
 
 
 class KnowledgeBase:
-    def __init__(self, path: Path, fingerprint: Fingerprint, entries: list[Entry], x: dict[int, np.ndarray], d: dict[int, np.ndarray]):
+    def __init__(self, path: Path, state: State, limit: int | None = None):
         self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.entries = entries
-        self.x = x
-        self.d = d
-        self._indexes: dict[tuple[str, int], object] = {}
+        self.state = state
+        self.header = state.header
+        self.fingerprint = state.fingerprint
+        self._count = state.count if limit is None else min(int(limit), state.count)
+        self._firsts = np.array([s.first for s in state.shards], dtype=np.int64)
+        self._shards = ShardCache(self.path, self.header)
+        self._indexes: dict[tuple[str, int], faiss.Index] = {}
+        self.rerank = kb_index.DEFAULT_RERANK
+        self.nprobe = kb_index.DEFAULT_NPROBE
+        self.entries = _Entries(self)
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._count
+
+    @property
+    def units(self) -> frozenset[str]:
+        return frozenset(self.state.units)
 
     @classmethod
-    def load(cls, path: Path, check_hash: bool = True) -> KnowledgeBase:
-        """Read and validate everything; raise KBError naming the problem and the fix."""
+    def open(cls, path: Path) -> KnowledgeBase:
+        """Read the manifest and the log; raise KBError naming the problem and the fix."""
         path = Path(path)
-        manifest = kb_format.read_manifest(path)
-        fp = manifest.fingerprint
-        if manifest.count == 0:
+        state = read_state(path, read_header(path))
+        if state.count == 0:
             raise KBError(f"knowledge base {path.name} is empty (no finished batch); build it with some prompts first")
-        xs: dict[int, list[np.ndarray]] = {s: [] for s in fp.stored_steps}
-        ds: dict[int, list[np.ndarray]] = {s: [] for s in fp.stored_steps}
-        entries: list[Entry] = []
-        for rec in manifest.shards:
-            tensors, ents = kb_format.read_shard(path, rec, fp, check_hash)
-            entries.extend(ents)
-            for s in fp.stored_steps:
-                xs[s].append(tensors[f"x.{s}"])
-                ds[s].append(tensors[f"d.{s}"])
-        x = {s: np.concatenate(v) for s, v in xs.items()}
-        d = {s: np.concatenate(v) for s, v in ds.items()}
-        for s in fp.stored_steps:
-            if not (np.isfinite(x[s]).all() and np.isfinite(d[s]).all()):
-                raise KBError(f"knowledge base {path.name} holds NaN or infinite latents at step {s}; rebuild it")
-        return cls(path, fp, entries, x, d)
+        return cls(path, state)
+
+    @classmethod
+    def load(cls, path: Path, check_hash: bool = False) -> KnowledgeBase:
+        """Open the KB; with check_hash, validate every file first (reads everything)."""
+        if check_hash:
+            from .kb_validate import validate_kb
+
+            validate_kb(path)
+        return cls.open(path)
 
     def subset(self, n: int) -> KnowledgeBase:
-        """The first `n` entries as an in-memory KB (for size sweeps)."""
-        return KnowledgeBase(self.path, self.fingerprint, self.entries[:n], {s: v[:n] for s, v in self.x.items()}, {s: v[:n] for s, v in self.d.items()})
+        """The first `n` entries (for size sweeps); shares nothing mutable with this one."""
+        return KnowledgeBase(self.path, self.state, limit=n)
 
-    def keys(self, space: str, step: int) -> np.ndarray:
-        self.require_step(step, "key")
-        if space not in KEY_SPACES:
-            raise KBError(f"key space must be one of {KEY_SPACES}, not {space!r}")
-        src = self.x if space == "latent" else self.d
-        return src[step].reshape(len(self), -1)
+    def close(self) -> None:
+        self._shards.close()
 
-    def values(self, space: str, step: int, ids: np.ndarray) -> np.ndarray:
-        self.require_step(step, "value")
-        src = self.x if space == "latent" else self.d
-        return src[step][ids]
-
+    # ---- rows -------------------------------------------------------------------------------
     def require_step(self, step: int, what: str) -> None:
         if step not in self.fingerprint.stored_steps:
             raise KBError(
@@ -74,26 +110,133 @@ class KnowledgeBase:
                 "pick one of those or rebuild the KB storing it"
             )
 
-    def index(self, space: str, step: int):
+    def _check_space(self, space: str) -> None:
+        if space not in KEY_SPACES:
+            raise KBError(f"key space must be one of {KEY_SPACES}, not {space!r}")
+
+    def _rows(self, tensor: str, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self._count):
+            raise KBError(f"entry ids {ids.tolist()[:5]} are outside 0..{self._count - 1} of KB {self.name}")
+        out = np.empty((len(ids), *self.fingerprint.latent_shape), dtype=np.float32)
+        shard_of = np.searchsorted(self._firsts, ids, side="right") - 1
+        for sh in np.unique(shard_of):
+            rec = self.state.shards[sh]
+            sel = np.flatnonzero(shard_of == sh)
+            out[sel] = self._shards.get(rec).rows(tensor, ids[sel] - rec.first)
+        return out
+
+    def entry(self, i: int) -> Entry:
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        sh = int(np.searchsorted(self._firsts, i, side="right") - 1)
+        rec = self.state.shards[sh]
+        return self._shards.get(rec).entries[i - rec.first]
+
+    def values(self, space: str, step: int, ids) -> np.ndarray:
+        """The stored latents ("latent") or denoised estimates ("denoised") at `step` for `ids`."""
+        self.require_step(step, "value")
+        self._check_space(space)
+        return self._rows(("x" if space == "latent" else "d") + f".{step}", ids)
+
+    def full_keys(self, space: str, step: int, ids) -> np.ndarray:
+        """Full keys (len(ids) x C*H*W, float32) read from the shards."""
+        self.require_step(step, "key")
+        self._check_space(space)
+        return self._rows(("x" if space == "latent" else "d") + f".{step}", ids).reshape(len(ids), -1)
+
+    def keys(self, space: str, step: int) -> np.ndarray:
+        """Every full key (N x C*H*W). Reads the whole key tensor: for small KBs, tests and tools."""
+        return self.full_keys(space, step, np.arange(self._count))
+
+    # ---- search -----------------------------------------------------------------------------
+    def reduced_keys(self, space: str, step: int) -> np.ndarray:
+        """The first len(self) reduced keys, each committed chunk checked against its checksum."""
+        self.require_step(step, "key")
+        self._check_space(space)
+        if step not in key_steps(self.fingerprint):
+            raise KBError(f"key step {step} must lie below a stored value step of KB {self.name} (stored steps {list(self.fingerprint.stored_steps)})")
+        import hashlib
+
+        dims, n = self.header.key_dims, self._count
+        name = rkeys_file(space, step)
+        chunks = self.state.key_chunks.get(key_name(space, step), [])
+        need = next((i for i, (rows, _) in enumerate(chunks) if rows >= n), None)
+        if need is None:
+            raise KBError(f"the log of KB {self.name} has no checksums for {name}; the KB is damaged, rebuild it")
+        path = safe_file(self.path, name, RKEYS_RE)
+        end_rows = chunks[need][0]
+        if os.stat(path).st_size < end_rows * dims * 4:
+            raise KBError(f"{name} holds fewer than the {end_rows} committed keys; the KB is damaged, rebuild it")
+        out = np.empty((end_rows, dims), dtype=np.float32)
+        with open(path, "rb") as f:
+            prev = 0
+            for rows, sha in chunks[: need + 1]:
+                raw = f.read((rows - prev) * dims * 4)
+                if hashlib.sha256(raw).hexdigest() != sha:
+                    raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
+                out[prev:rows] = np.frombuffer(raw, dtype="<f4").reshape(-1, dims)
+                prev = rows
+        out = out[:n]
+        check_values(out, name)
+        return out
+
+    def index(self, space: str, step: int) -> faiss.Index:
         key = (space, step)
         if key not in self._indexes:
-            path = self.path / f"index_{space}_{step}.faiss"
-            idx = None
-            if path.is_file():
-                try:
-                    idx = kb_index.load_index(path)
-                except RuntimeError:
-                    idx = None
-            if idx is None or idx.ntotal != len(self) or idx.d != self.keys(space, step).shape[1]:
-                idx = kb_index.build_index(self.keys(space, step))
+            keys = self.reduced_keys(space, step)
+            rec = self.state.indexes.get(key_name(space, step))
+            if rec is not None and kb_index.wants_ivf(len(keys), keys.shape[1]):
+                path = safe_file(self.path, rec.file, IVF_RE)
+                if sha256_file(path) != rec.sha256:
+                    raise KBError(f"{rec.file} does not match its checksum in the log (damaged or swapped); rebuild the KB")
+                centroids, lists = kb_index.load_ivf(path, rec.rows, keys.shape[1])
+                idx = kb_index.ivf_index(centroids, self.nprobe)
+                kb_index.add_preassigned(idx, keys, lists[: len(keys)])
+            else:
+                idx = kb_index.flat_index(keys)
             self._indexes[key] = idx
         return self._indexes[key]
 
-    def search(self, space: str, step: int, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return kb_index.search(self.index(space, step), queries.reshape(len(queries), -1), n)
+    def search(self, space: str, step: int, queries: np.ndarray, n: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The `n` nearest entries of each query by exact L2 on full keys: (distances, ids), B x n.
 
-    def write_indexes(self) -> None:
-        """Persist one faiss index per (key space, stored step)."""
-        for space in KEY_SPACES:
-            for s in self.fingerprint.stored_steps:
-                kb_index.save_index(kb_index.build_index(self.keys(space, s)), self.path / f"index_{space}_{s}.faiss")
+        Candidates come from the reduced-key index (`rerank` of them, default self.rerank);
+        their full keys are read from the shards and ranked exactly."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        check_values(q, "the query latent")
+        n = max(1, min(int(n), self._count))
+        cand_n = max(n, int(rerank if rerank is not None else self.rerank))
+        reduced = kb_index.reduce_keys(q, self.fingerprint.latent_shape, self.header.pool)
+        _, cand = kb_index.search(self.index(space, step), reduced, cand_n)
+        uniq = np.unique(cand[cand >= 0])
+        full = self.full_keys(space, step, uniq).astype(np.float64)
+        pos = {int(i): j for j, i in enumerate(uniq)}
+        dist = np.full((len(q), n), np.inf, dtype=np.float64)
+        ids = np.full((len(q), n), -1, dtype=np.int64)
+        for b in range(len(q)):
+            c = cand[b][cand[b] >= 0]
+            if not len(c):
+                continue
+            rows = full[[pos[int(i)] for i in c]]
+            d = np.sqrt(np.maximum(((rows - q[b].astype(np.float64)) ** 2).sum(axis=1), 0.0))
+            order = np.argsort(d, kind="stable")[:n]
+            dist[b, : len(order)], ids[b, : len(order)] = d[order], c[order]
+        return dist, ids
+
+    def exact_search(self, space: str, step: int, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over every full key (reads them all): the reference for recall checks."""
+        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        best_d = np.full((len(q), 0), np.inf)
+        best_i = np.zeros((len(q), 0), dtype=np.int64)
+        for rec in self.state.shards:
+            if rec.first >= self._count:
+                break
+            ids = np.arange(rec.first, min(rec.first + rec.count, self._count))
+            k = self.full_keys(space, step, ids).astype(np.float64)
+            d = np.sqrt(np.maximum((q.astype(np.float64) ** 2).sum(1)[:, None] - 2 * q @ k.T + (k**2).sum(1)[None, :], 0))
+            best_d = np.concatenate([best_d, d], axis=1)
+            best_i = np.concatenate([best_i, np.broadcast_to(ids, d.shape)], axis=1)
+            order = np.argsort(best_d, axis=1, kind="stable")[:, :n]
+            best_d, best_i = np.take_along_axis(best_d, order, 1), np.take_along_axis(best_i, order, 1)
+        return best_d, best_i

@@ -96,8 +96,8 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
         )
     k, v, space = params.key_step, params.value_step, params.key_space
     queries = (state.x if space == "latent" else state.denoised).reshape(len(state.x), -1).astype(np.float32)
+    # reduced-key search, exact re-rank on full keys read from the shards (only candidates)
     dist, ids = kb.search(space, k, queries, params.neighbours)
-    keys = kb.keys(space, k)
     x_v = np.zeros_like(state.x, dtype=np.float32)
     accepted = np.zeros(len(queries), dtype=bool)
     reports = []
@@ -105,7 +105,7 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
         nb = ids[b][ids[b] >= 0]
         qn = max(float(np.linalg.norm(q)), 1e-12)
         rel = [float(d) / qn for d in dist[b][: len(nb)]]
-        w, resid = lstsq_weights(keys[nb], q)
+        w, resid = lstsq_weights(kb.full_keys(space, k, nb), q)
         rep = ItemReport(
             accepted=True, neighbours=nb.tolist(), prompts=[kb.entries[i].prompt for i in nb],
             distances=rel, weights=w.tolist(), residual=resid,

@@ -12,8 +12,9 @@ from comfy_api.latest import io
 
 from ..kb_tools import builder
 from ..kb_tools.errors import KBError
-from ..kb_tools.kb_format import Fingerprint, text_hash
+from ..kb_tools.kb_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
 from ..kb_tools.knowledge_base import KnowledgeBase
+from ..kb_tools.paths import confined_file, read_text_lines
 from . import comfy_sampling, kb_types
 
 
@@ -44,14 +45,17 @@ def parse_steps(text: str, steps: int) -> tuple[int, ...]:
     return vals
 
 
-def read_prompts(prompts: str, prompts_file: str) -> list[str]:
+def read_prompts(prompts: str, prompts_file: str, input_dir: str | None = None) -> list[str]:
+    """The prompt lines plus those of `prompts_file`, which must lie in `input_dir`
+    (ComfyUI's input folder by default)."""
     lines = prompts.splitlines()
     if prompts_file.strip():
-        path = prompts_file.strip()
-        if not os.path.isfile(path):
-            raise KBError(f"prompts file {path!r} not found; give an absolute path to a text file with one prompt per line")
-        with open(path, encoding="utf-8") as f:
-            lines += f.read().splitlines()
+        if input_dir is None:
+            import folder_paths
+
+            input_dir = folder_paths.get_input_directory()
+        name = prompts_file.strip()
+        lines += read_text_lines(confined_file(name, input_dir), name)
     return builder.clean_prompts(lines)
 
 
@@ -79,9 +83,9 @@ class ReDiKBBuilder(io.ComfyNode):
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Prompts sampled together. Each finished batch is saved at once, so a stopped build loses at most one batch."),
                 io.Combo.Input("seed_mode", options=["fixed", "range"], default="fixed", tooltip="fixed: every trajectory uses `seed` (the paper's setting; queries with that seed match best). range: trajectory i uses seed + i (serves queries with any seed through denoised keys)."),
                 io.Int.Input("seed", default=1024, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The fixed seed, or the first seed of the range."),
-                io.String.Input("stored_steps", default="3,4,5,6,8,10,12,14", tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them. Fewer steps make a smaller KB."),
+                io.String.Input("stored_steps", default=DEFAULT_STORED_STEPS, tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them (its defaults are 4 and 10). Each step adds about 4 bytes per latent value per trajectory (fp16 latent and denoised estimate)."),
                 io.String.Input("kb_name", default="my_kb", tooltip="Folder name under models/redi_kb. An existing KB of the same settings is continued or extended."),
-                io.String.Input("prompts_file", default="", optional=True, tooltip="Optional path to a text file with more prompts, one per line."),
+                io.String.Input("prompts_file", default="", optional=True, tooltip="Optional name of a text file in ComfyUI's input folder with more prompts, one per line (files outside the input folder are refused)."),
             ],
             outputs=[kb_types.KBType.Output(display_name="kb", tooltip="The knowledge base, for ReDi KSampler or ReDi Sampler.")],
         )
@@ -95,13 +99,13 @@ class ReDiKBBuilder(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(max(1, len(prompt_list)))
         manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
                             batch_size, seed_mode, seed, stored, progress=lambda done, total: pbar.update_absolute(done, total))
-        kb = KnowledgeBase.load(path, check_hash=False)
+        kb = KnowledgeBase.open(path)
         lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 
 
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
-             seed_mode, seed, stored, progress=lambda done, total: None):
+             seed_mode, seed, stored, progress=lambda done, total: None, dtype="float16"):
     """The one build path, for the node and for `python -m kb_tools build`."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
@@ -125,7 +129,7 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds[0], stored)
 
     return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=progress,
-                         check_interrupt=comfy_sampling.check_interrupt)
+                         check_interrupt=comfy_sampling.check_interrupt, dtype=dtype)
 
 
 class ReDiKBLoader(io.ComfyNode):
@@ -135,7 +139,7 @@ class ReDiKBLoader(io.ComfyNode):
             node_id="ReDiKBLoader",
             display_name="ReDi KB Loader",
             category="ReDi/knowledge base",
-            description="Loads and validates a knowledge base from models/redi_kb.",
+            description="Opens a knowledge base from models/redi_kb (reads its manifest and log only; every stored row is checked against its checksum when a query reads it; `python -m kb_tools validate` checks everything).",
             inputs=[
                 io.Combo.Input("kb_name", options=kb_types.list_kbs(), tooltip="A knowledge base under models/redi_kb (press R to refresh the list after building one)."),
             ],
@@ -144,7 +148,7 @@ class ReDiKBLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, kb_name) -> io.NodeOutput:
-        kb = KnowledgeBase.load(kb_types.kb_path_for_read(kb_name))
+        kb = KnowledgeBase.open(kb_types.kb_path_for_read(kb_name))
         fp = kb.fingerprint
         lines = [
             f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)}",
@@ -155,6 +159,8 @@ class ReDiKBLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, kb_name):
         try:
-            return os.path.getmtime(os.path.join(kb_types.kb_path_for_read(kb_name), "manifest.json"))
+            path = kb_types.kb_path_for_read(kb_name)
+            log = os.path.join(path, LOG)  # every commit appends to the log (the manifest never changes)
+            return os.stat(log).st_mtime_ns if os.path.exists(log) else os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
         except (KBError, OSError):
             return float("nan")

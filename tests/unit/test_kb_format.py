@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from kb_tools import builder, kb_format
+from kb_tools import builder, kb_format, kb_writer
 from kb_tools.errors import KBError
 from kb_tools.knowledge_base import KnowledgeBase
 
@@ -25,16 +25,19 @@ def test_round_trip(tmp_path):
     assert [e.prompt for e in kb.entries] == PROMPTS
     assert all(e.seed == 1024 for e in kb.entries)
     x, _ = fake_run_batch()(PROMPTS, [0] * 7)
-    np.testing.assert_array_equal(kb.x[4], x[4])
-    np.testing.assert_array_equal(kb.d[4], x[4] * 0.5)
+    ids = np.arange(7)
+    np.testing.assert_allclose(kb.values("latent", 4, ids), x[4], atol=2e-3)  # fp16 storage
+    np.testing.assert_allclose(kb.values("denoised", 4, ids), x[4] * 0.5, atol=2e-3)
     assert kb.keys("latent", 2).shape == (7, int(np.prod(SHAPE)))
     for space in ("latent", "denoised"):
-        for s in (2, 4, 6):
-            assert (kb_dir / f"index_{space}_{s}.faiss").is_file()
+        for s in (2, 4):  # the last stored step is never a key step
+            assert (kb_dir / f"rkeys_{space}_{s}.f32").is_file()
+        assert not (kb_dir / f"rkeys_{space}_6.f32").exists()
     dist, ids = kb.search("latent", 4, kb.keys("latent", 4)[[5]], 2)
     assert ids[0, 0] == 5 and dist[0, 0] == pytest.approx(0, abs=1e-4)
     manifest = json.loads((kb_dir / "manifest.json").read_text())
-    assert manifest["format"] == "redi-kb" and manifest["entries"] == 7 and manifest["planned"] == 0
+    assert manifest["format"] == "redi-kb" and manifest["format_version"] == 2 and manifest["dtype"] == "float16"
+    assert kb_format.read_state(kb_dir).count == 7
 
 
 def test_range_seeds(tmp_path):
@@ -52,12 +55,13 @@ def test_mismatched_fingerprint_refused(tmp_path):
 
 def test_truncated_shard_refused(tmp_path):
     kb_dir = make_kb(tmp_path)
-    shard = kb_dir / "shard_00001.safetensors"
+    shard = kb_dir / "shard_000001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(KBError, match="shard_00001.*(checksum|corrupt)"):
-        KnowledgeBase.load(kb_dir)
-    with pytest.raises(KBError, match="shard_00001.*corrupt"):
-        KnowledgeBase.load(kb_dir, check_hash=False)
+    with pytest.raises(KBError, match="shard_000001.*checksum"):
+        KnowledgeBase.load(kb_dir, check_hash=True)
+    kb = KnowledgeBase.open(kb_dir)  # opening reads no shard
+    with pytest.raises(KBError, match="shard_000001.*corrupt"):
+        kb.values("latent", 4, [4])
 
 
 def test_corrupt_manifest_and_missing_kb(tmp_path):
@@ -74,8 +78,7 @@ def test_corrupt_manifest_and_missing_kb(tmp_path):
 
 def test_empty_kb_refused(tmp_path):
     kb_dir = tmp_path / "kb"
-    kb_dir.mkdir()
-    kb_format.write_manifest(kb_dir, kb_format.Manifest(fingerprint()))
+    kb_writer.create_kb(kb_dir, fingerprint())
     with pytest.raises(KBError, match="empty"):
         KnowledgeBase.load(kb_dir)
 
@@ -104,16 +107,18 @@ def test_killed_build_resumes_without_losing_batches(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         builder.build(kb_dir, fingerprint(), PROMPTS, 3, dying)
-    manifest = kb_format.read_manifest(kb_dir)
-    assert manifest.count == 6 and manifest.planned == 7  # two finished batches survive
-    # a shard a killed run wrote but never listed is dropped, its batch redone
-    (kb_dir / "shard_00009.safetensors").write_bytes(b"partial")
+    assert kb_format.read_state(kb_dir).count == 6  # two finished batches survive
+    # a shard a killed run wrote but never committed is dropped, its batch redone
+    (kb_dir / "shard_000009.safetensors").write_bytes(b"partial")
+    with open(kb_dir / "log.jsonl", "ab") as f:
+        f.write(b'{"seq": 2, "half a line')  # a commit line a killed writer never finished
     calls.clear()
     builder.build(kb_dir, fingerprint(), PROMPTS, 3, run)
     assert calls == [["prompt 6"]]
     kb = KnowledgeBase.load(kb_dir)
     assert [e.prompt for e in kb.entries] == PROMPTS
-    assert not (kb_dir / "shard_00009.safetensors").exists()
+    assert not (kb_dir / "shard_000009.safetensors").exists()
+    assert [e.pos for e in kb.entries] == list(range(7))
 
 
 def test_new_prompts_are_appended(tmp_path):
@@ -141,4 +146,4 @@ def test_merge_and_incompatible_merge(tmp_path):
 def test_no_pickle_in_kb_files(tmp_path):
     kb_dir = make_kb(tmp_path)
     for f in kb_dir.iterdir():
-        assert f.suffix in (".json", ".safetensors", ".faiss"), f
+        assert f.suffix in (".json", ".jsonl", ".safetensors", ".f32") or f.name == ".lock", f

@@ -18,27 +18,27 @@ def kb(tmp_path):
 
 
 def state_from(kb, ids, scale=1.0, step=2):
-    x = kb.x[step][ids] * scale
-    return KeyState(x=x, denoised=kb.d[step][ids] * scale, eps=np.ones_like(x))
+    x = kb.values("latent", step, ids) * scale
+    return KeyState(x=x, denoised=kb.values("denoised", step, ids) * scale, eps=np.ones_like(x))
 
 
 def test_query_equal_to_a_key_returns_its_value(kb):
     ret = retrieve(kb, state_from(kb, [3, 7]), ReDiParams(2, 6, 1), sigma_v=1.0)
     assert ret.accepted.all()
     assert [r.neighbours[0] for r in ret.reports] == [3, 7]
-    np.testing.assert_allclose(ret.x_v, kb.x[6][[3, 7]], atol=1e-5)
+    np.testing.assert_allclose(ret.x_v, kb.values("latent", 6, [3, 7]), atol=1e-5)
 
 
 def test_scaled_query_rescales_value(kb):
     ret = retrieve(kb, state_from(kb, [5], scale=2.0), ReDiParams(2, 6, 1), sigma_v=1.0)
     assert ret.reports[0].weights[0] == pytest.approx(2.0, rel=1e-5)
-    np.testing.assert_allclose(ret.x_v[0], 2.0 * kb.x[6][5], atol=1e-4)
+    np.testing.assert_allclose(ret.x_v[0], 2.0 * kb.values("latent", 6, [5])[0], atol=1e-4)
 
 
 def test_denoised_space_renoises_with_query_noise(kb):
     st = state_from(kb, [1])
     ret = retrieve(kb, st, ReDiParams(2, 6, 1, key_space="denoised"), sigma_v=0.5)
-    np.testing.assert_allclose(ret.x_v[0], kb.d[6][1] + 0.5 * st.eps[0], atol=1e-5)
+    np.testing.assert_allclose(ret.x_v[0], kb.values("denoised", 6, [1])[0] + 0.5 * st.eps[0], atol=1e-5)
 
 
 def test_combination_of_neighbours(kb):
@@ -47,7 +47,7 @@ def test_combination_of_neighbours(kb):
     ret = retrieve(kb, KeyState(q, q, q), ReDiParams(4, 6, neighbours=10), sigma_v=1.0)
     r = ret.reports[0]
     assert r.residual < 1e-5
-    expected = 0.7 * kb.x[6][2] + 0.3 * kb.x[6][8]
+    expected = 0.7 * kb.values("latent", 6, [2])[0] + 0.3 * kb.values("latent", 6, [8])[0]
     np.testing.assert_allclose(ret.x_v[0], expected, atol=1e-4)
 
 
@@ -82,11 +82,11 @@ def test_after_key_phase_noise_estimate():
 
 def test_starts_split_accepted_and_rejected(kb):
     far = np.full((1, *SHAPE), 50.0, np.float32)
-    near = kb.x[2][[4]]
+    near = kb.values("latent", 2, [4])
     x = np.concatenate([near, far])
     params = ReDiParams(2, 6, 1, max_key_distance=0.5)
     ret = retrieve(kb, KeyState(x, x, np.zeros_like(x)), params, sigma_v=1.0)
     groups = {start: (idx.tolist(), src) for start, idx, src in ret.starts(KeyState(x, x, x), params)}
     assert groups[6][0] == [0] and groups[2][0] == [1]
-    np.testing.assert_allclose(groups[6][1], kb.x[6][[4]], atol=1e-5)
+    np.testing.assert_allclose(groups[6][1], kb.values("latent", 6, [4]), atol=1e-5)
     np.testing.assert_array_equal(groups[2][1], far)

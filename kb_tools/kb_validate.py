@@ -1,0 +1,114 @@
+"""Full validation of a v2 KB: every file, checksum, row, value and index (reads everything).
+
+Opening a KB checks only what it reads; `python -m kb_tools validate` and append_kb (for
+KBs that come from elsewhere) use this to check the rest. Peak RAM: one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from . import kb_index
+from .errors import KBError
+from .kb_format import (
+    IVF_RE,
+    RKEYS_RE,
+    SHARD_RE,
+    key_list,
+    key_name,
+    read_header,
+    read_state,
+    rkeys_file,
+    safe_file,
+    sha256_file,
+)
+from .kb_shard import ShardFile, check_values
+
+MAX_PROBLEMS = 30
+
+
+def validate_kb(kb_dir: Path) -> int:
+    """Check everything; return the entry count or raise KBError listing every problem found."""
+    kb_dir = Path(kb_dir)
+    header = read_header(kb_dir)  # structural problems raise at once: nothing else can be read
+    st = read_state(kb_dir, header)
+    fp, dims = header.fingerprint, header.key_dims
+    problems: list[str] = []
+    keys = key_list(fp)
+    rk_files, rk_hash, rk_rows, chunk_i = {}, {}, {}, {}
+    for space, s in keys:
+        k = key_name(space, s)
+        try:
+            rk_files[k] = open(safe_file(kb_dir, rkeys_file(space, s), RKEYS_RE), "rb") if st.count else None
+        except KBError as e:
+            problems.append(str(e))
+            rk_files[k] = None
+        rk_hash[k], rk_rows[k], chunk_i[k] = hashlib.sha256(), 0, 0
+    try:
+        for rec in st.shards:
+            if len(problems) >= MAX_PROBLEMS:
+                break
+            try:
+                path = safe_file(kb_dir, rec.file, SHARD_RE)
+                if sha256_file(path) != rec.sha256:
+                    problems.append(f"{rec.file} does not match its checksum in the log: the file is damaged or was changed; rebuild the KB or re-copy it")
+                    continue
+                sf = ShardFile(path, rec, header)
+            except KBError as e:
+                problems.append(str(e))
+                continue
+            try:
+                for space, s in keys:
+                    k = key_name(space, s)
+                    full = sf.all_rows(("x" if space == "latent" else "d") + f".{s}")
+                    red = kb_index.reduce_keys(full, fp.latent_shape, header.pool)
+                    f = rk_files[k]
+                    if f is None:
+                        continue
+                    raw = f.read(len(red) * dims * 4)
+                    stored = np.frombuffer(raw, dtype="<f4").reshape(-1, dims) if len(raw) == len(red) * dims * 4 else None
+                    if stored is None or not np.allclose(stored, red, rtol=1e-5, atol=1e-5):
+                        problems.append(f"{rkeys_file(space, s)} rows {rec.first}..{rec.first + rec.count - 1} are not the reduced keys of {rec.file} (missing, damaged or swapped); rebuild the KB")
+                        rk_files[k] = None
+                        continue
+                    rk_hash[k].update(raw)
+                    rk_rows[k] += len(red)
+                    chunks = st.key_chunks.get(k, [])
+                    if chunk_i[k] < len(chunks) and chunks[chunk_i[k]][0] == rk_rows[k]:
+                        if rk_hash[k].hexdigest() != chunks[chunk_i[k]][1]:
+                            problems.append(f"{rkeys_file(space, s)} rows up to {rk_rows[k]} do not match their checksum in the log")
+                        rk_hash[k], chunk_i[k] = hashlib.sha256(), chunk_i[k] + 1
+            except KBError as e:
+                problems.append(str(e))
+            finally:
+                sf.close()
+    finally:
+        for f in rk_files.values():
+            if f is not None:
+                f.close()
+    for k, rec in st.indexes.items():
+        try:
+            path = safe_file(kb_dir, rec.file, IVF_RE)
+            if sha256_file(path) != rec.sha256:
+                problems.append(f"{rec.file} does not match its checksum in the log; rebuild the KB")
+                continue
+            centroids, lists = kb_index.load_ivf(path, rec.rows, dims)
+            space, step = k.rsplit("_", 1)
+            from .knowledge_base import KnowledgeBase
+
+            kb = KnowledgeBase(kb_dir, st)
+            red = kb.reduced_keys(space, int(step))[: rec.rows]
+            check_values(centroids, rec.file)
+            best = kb_index.assign(centroids, red)
+            d_best = ((red - centroids[best]) ** 2).sum(1)
+            d_list = ((red - centroids[lists]) ** 2).sum(1)
+            if (d_list > d_best * (1 + 1e-4) + 1e-6).any():
+                problems.append(f"{rec.file} assigns keys to the wrong lists (damaged or from another KB); rebuild the KB")
+        except KBError as e:
+            problems.append(str(e))
+    if problems:
+        raise KBError(f"KB {kb_dir.name} failed validation ({len(problems)} problem(s)):\n- " + "\n- ".join(problems[:MAX_PROBLEMS]))
+    return st.count
