@@ -1,7 +1,7 @@
 """`python -m kb_tools build --workers ...` against real ComfyUI servers on 127.0.0.1.
 
 Four servers start once for the module (three with the demo checkpoint, one whose
-checkpoint of the same name holds perturbed weights); the worker-kill test starts its own.
+checkpoint of the same name holds perturbed weights); the worker-kill test, last, kills one.
 A small KB (2 steps, both stored, 64x64) keeps the module to a few minutes.
 """
 
@@ -185,42 +185,6 @@ def test_corrupt_unit_file_is_rebuilt_elsewhere(servers, reference, tmp_path):
     _assert_equal_prefix(kb, reference, 24)
 
 
-def test_worker_killed_mid_build(servers, reference, tmp_path_factory, tmp_path):
-    good, _ = servers
-    victim = ComfyServer(tmp_path_factory.mktemp("victim"), sys.executable)
-    victim.start()
-    killed = threading.Event()
-
-    def kill_when_busy():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                q = victim.get("/queue")
-            except OSError:
-                return
-            running = [it for it in q["queue_running"] if re.search(r"-u\d{5}-a", json.dumps(it[2]))]
-            if running:
-                time.sleep(0.5)  # mid-unit
-                os.killpg(victim.proc.pid, signal.SIGKILL)
-                killed.set()
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_when_busy, daemon=True)
-    killer.start()
-    try:
-        out = tmp_path / "kb_kill"
-        coord, lines = _build([victim.base, good[1].base], out, prompts=PROMPTS[:32])
-    finally:
-        killer.join(timeout=5)
-        victim.stop()
-    assert killed.is_set(), lines
-    assert any(victim.base in ln and "requeued" in ln for ln in lines), lines
-    assert coord.sched.stats[victim.base].state == "retired"
-    kb = KnowledgeBase.load(out, check_hash=True)
-    _assert_equal_prefix(kb, reference, 32)
-
-
 def _assert_equal_prefix(kb: KnowledgeBase, ref: KnowledgeBase, n: int) -> None:
     _assert_equal(kb, ref, n)
 
@@ -270,3 +234,38 @@ def test_coordinator_killed_and_restarted_resumes(servers, reference, tmp_path):
           f"{len(redone)} units redone after the restart: {sorted(redone)}")
     kb = KnowledgeBase.load(out, check_hash=True)
     _assert_equal_prefix(kb, reference, 48)
+
+
+def test_worker_killed_mid_build(servers, reference, tmp_path):
+    """Last in the module: it kills the third worker for good."""
+    good, _ = servers
+    victim = good[2]
+    killed = threading.Event()
+
+    def kill_when_busy():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                q = victim.get("/queue")
+            except OSError:
+                return
+            running = [it for it in q["queue_running"] if re.search(r"-u\d{5}-a", json.dumps(it[2]))]
+            if running:
+                time.sleep(0.5)  # mid-unit
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    try:
+        out = tmp_path / "kb_kill"
+        coord, lines = _build([victim.base, good[1].base], out, prompts=PROMPTS[:24])
+    finally:
+        killer.join(timeout=5)
+    assert killed.is_set(), lines
+    assert any(victim.base in ln and "requeued" in ln for ln in lines), lines
+    assert coord.sched.stats[victim.base].state == "retired"
+    kb = KnowledgeBase.load(out, check_hash=True)
+    _assert_equal_prefix(kb, reference, 24)
