@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -58,6 +59,7 @@ class Limits:
     poll: float = 0.5
     max_attempts: int = 4  # per unit, over all workers
     max_worker_failures: int = 3  # in a row, then the worker is retired
+    backoff: float = 2.0  # seconds before retrying a worker that did not answer (doubles each time)
 
 
 class UnitRejected(RuntimeError):
@@ -77,7 +79,7 @@ def builder_graph(s: Settings, prompts: list[str] | tuple[str, ...], seed: int, 
 
 class Coordinator:
     def __init__(self, workers: list[str], settings: Settings, prompts: list[str], out: Path, limits: Limits = Limits(),
-                 log=None) -> None:
+                 log=None, client=ComfyClient) -> None:
         if not workers:
             raise KBError("--workers needs at least one ComfyUI server URL")
         dupes = [w for w, n in Counter(workers).items() if n > 1]
@@ -99,6 +101,7 @@ class Coordinator:
         self.ref_ready = threading.Event()
         self.sched: Scheduler | None = None
         self.redispatched = 0
+        self.client = client  # (url) -> a ComfyClient; unit tests pass a fake worker
 
     # --- the build ----------------------------------------------------------------------------
     def run_build(self, progress=None) -> Scheduler:
@@ -134,7 +137,7 @@ class Coordinator:
             shutil.rmtree(self.incoming, ignore_errors=True)
         n = dist_store.finalize(self.out)
         for w in self.workers:
-            ComfyClient(w, timeout=5).release(build=self.bid)
+            self.client(w).release(build=self.bid)
         self.wall_s = time.monotonic() - t0
         self.log(f"KB {self.out}: {n} entries from {len(self.units)} units")
         return self.sched
@@ -164,7 +167,7 @@ class Coordinator:
 
     # --- one worker ---------------------------------------------------------------------------
     def _drive(self, worker: str) -> None:
-        client = ComfyClient(worker)
+        client = self.client(worker)
         sched = self.sched
         in_row = 0
         probed = False
@@ -176,6 +179,7 @@ class Coordinator:
                     in_row = 0
                     sched.set_state(worker, "ready")
                 except WorkerRefused as e:
+                    self.probes.setdefault(worker, f"refused: {e}")
                     self.log(f"refused worker {worker}: {e}")
                     sched.set_state(worker, "retired", f"refused: {e}")
                     return
@@ -186,7 +190,7 @@ class Coordinator:
                         self.log(f"gave up on worker {worker}: {e}")
                         sched.set_state(worker, "retired", str(e))
                         return
-                    time.sleep(min(30.0, 2.0**in_row))
+                    time.sleep(min(30.0, self.limits.backoff * 2.0 ** (in_row - 1)))
                 continue
             job = sched.next_unit(worker)
             if job is None:
@@ -206,7 +210,6 @@ class Coordinator:
                     self.log(f"unit {unit.uid} done on {worker} in {time.monotonic() - t0:.1f} s")
                 in_row = 0
             except (WorkerDown, WorkerRefused, UnitRejected, KBError, OSError) as e:
-                shutil.rmtree(self.incoming / name, ignore_errors=True)
                 self.log(f"unit {unit.uid} failed on {worker}: {e}; requeued")
                 sched.unit_failed(unit.uid, worker, str(e))
                 in_row += 1
@@ -216,7 +219,7 @@ class Coordinator:
                     self.log(f"gave up on worker {worker} after {in_row} failures in a row")
                     sched.set_state(worker, "retired", str(e))
                     return
-                time.sleep(min(30.0, 2.0**in_row) if isinstance(e, WorkerDown) else 0.0)
+                time.sleep(min(30.0, self.limits.backoff * 2.0 ** (in_row - 1)) if isinstance(e, WorkerDown) else 0.0)
             finally:
                 client.release([name])
 
@@ -284,21 +287,21 @@ class Coordinator:
             time.sleep(self.limits.poll)
         if entry["status"]["status_str"] != "success":
             raise WorkerRefused(f"the unit failed on the worker: {execution_error(entry)}")
-        unit_dir = self.incoming / name
-        shutil.rmtree(unit_dir, ignore_errors=True)
-        unit_dir.mkdir(parents=True)
+        unit_dir = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.incoming))  # per download: probes share a name
         try:
             for f in dist_store.first_files():
                 client.fetch(name, f, unit_dir / f, 16 << 20)
             for f in dist_store.rest_files(unit_dir):
                 client.fetch(name, f, unit_dir / f, MAX_UNIT_BYTES)
             fp, entries, dtype = dist_store.read_unit(unit_dir)
-        except KBError as e:
-            raise UnitRejected(f"the unit's files failed verification: {e}") from e
-        if verify:
-            problems = unit_problems(self.ref, unit, fp, entries)
-            if problems:
+            if verify and (problems := unit_problems(self.ref, unit, fp, entries)):
                 raise UnitRejected("the unit does not match the build: " + "; ".join(problems))
+        except KBError as e:
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            raise UnitRejected(f"the unit's files failed verification: {e}") from e
+        except BaseException:
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            raise
         return unit_dir, fp, dtype
 
 
