@@ -75,7 +75,7 @@ def reference(servers, tmp_path_factory):
 
 def _by_pos(kb: KnowledgeBase, n: int | None = None) -> tuple[list[tuple], np.ndarray]:
     """(prompt, seed, pos) sorted by global position (v2 keeps commit order), and their row ids."""
-    rows = sorted(((e.prompt, e.seed, e.pos), i) for i, e in enumerate(kb.entries))
+    rows = sorted((((e.prompt, e.seed, e.pos), i) for i, e in enumerate(kb.entries)), key=lambda r: r[0][2])
     rows = rows[:n] if n is not None else rows
     return [r[0] for r in rows], np.array([r[1] for r in rows])
 
