@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import dist_store
 from .comfy_client import ComfyClient, WorkerDown, WorkerRefused, execution_error
-from .dist_plan import Unit, build_id, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
+from .dist_plan import Unit, build_id, check_held, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
 from .dist_schedule import Scheduler, format_table
 from .dist_verify import build_fingerprint, differences, unit_problems
 from .errors import KBError
@@ -108,8 +108,6 @@ class Coordinator:
         held = {}
         if (self.out / "manifest.json").is_file():
             held = dist_store.units_held(self.out)
-            from .dist_plan import check_held
-
             bad = check_held(self.units, held)
             if bad:
                 raise KBError(f"{self.out} holds units of another build ({bad[0]}); use the same prompts and --unit-size, or another --out")
@@ -333,10 +331,6 @@ def run(workers: list[str], settings: Settings, prompts: list[str], out: Path, l
     sched = coord.run_build(progress_bar())
     print()
     print(format_table(sched.stats, coord.wall_s))
-    print(f"units dispatched: {len(sched.dispatched)} for {len(coord.units) - len(coord_held(coord))} to build "
+    print(f"units dispatched: {len(sched.dispatched)} for {len(coord.units) - len(sched.held)} to build "
           f"({coord.redispatched} retries)")
     return coord
-
-
-def coord_held(coord: Coordinator) -> set[int]:
-    return coord.sched.held if coord.sched else set()

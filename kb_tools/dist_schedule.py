@@ -6,7 +6,6 @@ Thread-safe (one driver thread per worker calls it). Pure bookkeeping: no HTTP, 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -142,7 +141,3 @@ def format_table(stats: dict[str, WorkerStats], wall_s: float) -> str:
                  str(sum(s.failures for s in stats.values())), f"wall {wall_s:.1f} s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows)
-
-
-def now() -> float:
-    return time.monotonic()
