@@ -1,6 +1,7 @@
 """`python -m kb_tools COMMAND`: build, inspect, validate, merge and query ReDi knowledge bases.
 
-    build     sample prompts headlessly into a KB (the KB Builder node's own code path)
+    build     sample prompts headlessly into a KB (the KB Builder node's own code path), or with
+              --workers URL,URL,... on several ComfyUI servers at once (fault-tolerant, resumable)
     inspect   fingerprint, size and sample prompts of a KB
     validate  read every file, row and checksum; exit 1 listing every problem found
     merge     join KBs built elsewhere (same fingerprint) into a new one
@@ -94,17 +95,44 @@ def cmd_query(args) -> None:
         print(f"  {i:6d}  dist {d / max(qn, 1e-12):.4f}  {kb.entries[i].prompt}")
 
 
+def _prompts_from_args(args) -> list[str]:
+    lines = list(args.prompt or [])
+    if args.prompts_file:  # the user's own file on their own shell: no input-folder confinement here
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise KBError(f"prompts file {path} not found; give a text file with one prompt per line")
+        lines += path.read_text(encoding="utf-8").splitlines()
+    prompts = builder.clean_prompts(lines)
+    if not prompts:
+        raise KBError("no prompts given: use --prompts-file FILE or --prompt TEXT")
+    return prompts
+
+
+def cmd_build_distributed(args) -> None:
+    from . import dist_build
+
+    if args.dtype != "float16":
+        raise KBError("--dtype float32 is for in-process builds; the workers' KB Builder node stores float16")
+    settings = dist_build.Settings(
+        ckpt=args.ckpt, negative=args.negative, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+        cfg=args.cfg, width=args.width, height=args.height, batch_size=args.batch_size, seed_mode=args.seed_mode,
+        seed=args.seed, stored_steps=args.stored_steps,
+    )
+    limits = dist_build.Limits(unit_size=args.unit_size, unit_timeout=args.unit_timeout)
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    dist_build.run(workers, settings, _prompts_from_args(args), Path(args.out), limits)
+
+
 def cmd_build(args) -> None:
+    if args.workers:
+        return cmd_build_distributed(args)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from redi_demo import host
 
     host.load_pack()
     kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
     model, clip, _vae = host.load_checkpoint(args.ckpt)
-    lines = list(args.prompt or [])
-    if args.prompts_file:  # the user's own file on their own shell: no input-folder confinement here
-        lines += Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-    prompts = kb_nodes.read_prompts("\n".join(lines), "")
+    prompts = _prompts_from_args(args)
     stored = kb_nodes.parse_steps(args.stored_steps, args.steps)
 
     def progress(done, total):
@@ -120,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kb_tools", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="sample prompts into a KB (needs the bootstrap's ComfyUI)")
-    p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. models/redi_demo_shapes.safetensors)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (e.g. models/redi_demo_shapes.safetensors); with --workers "
+                   "the checkpoint's name as the workers' Load Checkpoint lists it (e.g. redi_demo_shapes.safetensors)")
     p.add_argument("--out", required=True, help="KB folder to create, continue or extend")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -136,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1024)
     p.add_argument("--stored-steps", default=DEFAULT_STORED_STEPS)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of a new KB (float32: twice the size)")
+    p.add_argument("--workers", help="comma-separated ComfyUI server URLs with this pack (e.g. http://gpu1:8188,http://gpu2:8188); "
+                   "without it the build runs in this process")
+    p.add_argument("--unit-size", type=int, default=64, help="prompts per work unit sent to one worker (with --workers)")
+    p.add_argument("--unit-timeout", type=float, default=1800.0, help="seconds a unit may take on a worker, queue wait included, "
+                   "before it is cancelled and rebuilt elsewhere (with --workers)")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("inspect", help="fingerprint, size and sample prompts")
     p.add_argument("kb")

@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..redi_demo import model_config
-from . import kb_types
+from . import kb_routes, kb_types
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODELS_DIR = os.path.join(PACK_DIR, "models")
@@ -17,11 +17,12 @@ DEMO_MODELS_DIR = os.path.join(PACK_DIR, "models")
 
 def register_folders_and_models() -> None:
     """The shipped demo checkpoint shows up in the stock CheckpointLoaderSimple, ComfyUI's
-    checkpoint detection recognises its (small) SD1.x config, and models/redi_kb exists.
-    Idempotent."""
+    checkpoint detection recognises its (small) SD1.x config, models/redi_kb exists, and the
+    KB file routes for distributed builds are added. Idempotent."""
     folder_paths.add_model_folder_path("checkpoints", DEMO_MODELS_DIR)
     model_config.register()
     kb_types.register_folder()
+    kb_routes.register()
 
 
 class ReDiExtension(ComfyExtension):

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, workdir: Path, python: str) -> None:
+    def __init__(self, workdir: Path, python: str, extra_paths: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -34,12 +34,19 @@ class ComfyServer:
         self.kb_dir = workdir / "models" / "redi_kb"
         self.python = python
         self.proc: subprocess.Popen | None = None
+        self.extra_paths = extra_paths or {}  # more model folders under workdir/models, e.g. {"checkpoints": "checkpoints"}
 
     def start(self, timeout: float = 180.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (start several, then `wait_ready` each)."""
         for d in ("output", "temp", "user", "input", "models/redi_kb"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
         extra = self.workdir / "extra_model_paths.yaml"
-        extra.write_text(f"redi_test:\n  base_path: {self.workdir / 'models'}\n  redi_kb: redi_kb\n")
+        more = "".join(f"  {k}: {v}\n" for k, v in self.extra_paths.items())
+        extra.write_text(f"redi_test:\n  base_path: {self.workdir / 'models'}\n  redi_kb: redi_kb\n{more}")
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--output-directory", str(self.output_dir),
@@ -50,6 +57,8 @@ class ComfyServer:
         ]
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
