@@ -163,15 +163,16 @@ class ShardFile:
 
     def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
         """Rows `idx` (local) of tensor "x.{s}"/"d.{s}" as float32, each checked against its crc."""
-        out = np.empty((len(idx), *self.row_shape), dtype=np.float32)
         base, rb, crcs = self.offsets[tensor], self.row_bytes, self.crcs[tensor]
+        buf = bytearray(rb * len(idx))
         for j, i in enumerate(idx):
             i = int(i)
             raw = os.pread(self.fd, rb, base + i * rb)
             if len(raw) != rb or zlib.crc32(raw) != int(crcs[i]):
                 raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
                               f"rebuild the KB or re-copy {self.name}")
-            out[j] = np.frombuffer(raw, dtype=self.dtype).reshape(self.row_shape)
+            buf[j * rb : (j + 1) * rb] = raw
+        out = np.frombuffer(buf, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
         check_values(out, f"{self.name}, tensor {tensor}")
         return out
 
