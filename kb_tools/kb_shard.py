@@ -84,9 +84,25 @@ class ShardFile:
             raise KBError(f"{self.name} cannot be opened ({e.strerror}); re-copy or rebuild the KB") from e
         try:
             self._parse(header, check_head)
+            st = os.fstat(self.fd)
+            self._ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         except Exception:
             self.close()  # and forget the number: a second close could hit a file or socket that reused it
             raise
+
+    def _ensure_open(self) -> None:
+        """Reopen a shard whose descriptor the cache closed, refusing a file changed since its check."""
+        if self.fd >= 0:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise KBError(f"{self.name} cannot be opened ({e.strerror}); re-copy or rebuild the KB") from e
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._ident:
+            os.close(fd)
+            raise KBError(f"{self.name} was replaced or changed while the KB was open; run the graph again (the KB is reopened)")
+        self.fd = fd
 
     def _bad(self, what: str) -> KBError:
         return KBError(f"{self.name}: {what}; the shard is corrupt or hostile, rebuild the KB (or re-copy this file)")
@@ -143,7 +159,7 @@ class ShardFile:
         md = meta.get("__metadata__")
         if not isinstance(md, dict) or not isinstance(md.get("entries"), str):
             raise self._bad("its entry metadata is missing")
-        self._entries_json: str | None = md["entries"]
+        self._head = (8, n)  # where the header lies, to re-read the entries when needed
         self._entries: list[Entry] | None = None
 
     @property
@@ -151,33 +167,40 @@ class ShardFile:
         """The shard's entries, parsed on first use (queries need only their neighbours' prompts)."""
         if self._entries is None:
             count = self.rec.count
+            self._ensure_open()
+            head = os.pread(self.fd, self._head[1], self._head[0])
             try:
-                ents = json.loads(self._entries_json)
+                ents = json.loads(json.loads(head)["__metadata__"]["entries"])
                 assert isinstance(ents, list) and len(ents) == count
                 assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
                 self._entries = [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
             except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
                 raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
-            self._entries_json = None
         return self._entries
+
+    def drop_entries(self) -> None:
+        self._entries = None
 
     def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
         """Rows `idx` (local) of tensor "x.{s}"/"d.{s}" as float32, each checked against its crc."""
-        out = np.empty((len(idx), *self.row_shape), dtype=np.float32)
+        self._ensure_open()
         base, rb, crcs = self.offsets[tensor], self.row_bytes, self.crcs[tensor]
+        buf = bytearray(rb * len(idx))
         for j, i in enumerate(idx):
             i = int(i)
             raw = os.pread(self.fd, rb, base + i * rb)
             if len(raw) != rb or zlib.crc32(raw) != int(crcs[i]):
                 raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
                               f"rebuild the KB or re-copy {self.name}")
-            out[j] = np.frombuffer(raw, dtype=self.dtype).reshape(self.row_shape)
+            buf[j * rb : (j + 1) * rb] = raw
+        out = np.frombuffer(buf, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
         check_values(out, f"{self.name}, tensor {tensor}")
         return out
 
     def all_rows(self, tensor: str) -> np.ndarray:
         """Every row of a tensor (checked); for validate, upgrade and merge."""
         count = self.rec.count
+        self._ensure_open()
         raw = os.pread(self.fd, self.row_bytes * count, self.offsets[tensor])
         if len(raw) != self.row_bytes * count:
             raise self._bad(f"tensor {tensor} is truncated")
@@ -202,24 +225,40 @@ class ShardFile:
 
 
 class ShardCache:
-    """At most `size` open shards, least recently used closed first."""
+    """Every shard a KB has read stays parsed (offsets and row checksums: 4 bytes per row and
+    tensor); at most `size` keep an open descriptor and at most `entry_size` their parsed entries,
+    least recently used dropped first."""
 
-    def __init__(self, kb_dir: Path, header: Header, size: int = 64):
-        self.kb_dir, self.header, self.size = Path(kb_dir), header, size
-        self._open: OrderedDict[str, ShardFile] = OrderedDict()
+    def __init__(self, kb_dir: Path, header: Header, size: int = 64, entry_size: int = 16):
+        self.kb_dir, self.header, self.size, self.entry_size = Path(kb_dir), header, size, entry_size
+        self._parsed: dict[str, ShardFile] = {}
+        self._open: OrderedDict[str, None] = OrderedDict()
+        self._with_entries: OrderedDict[str, None] = OrderedDict()
 
     def get(self, rec: ShardRec) -> ShardFile:
-        sf = self._open.get(rec.file)
-        if sf is not None:
-            self._open.move_to_end(rec.file)
-            return sf
-        sf = ShardFile(safe_file(self.kb_dir, rec.file, SHARD_RE), rec, self.header)
-        self._open[rec.file] = sf
+        sf = self._parsed.get(rec.file)
+        if sf is None:
+            sf = ShardFile(safe_file(self.kb_dir, rec.file, SHARD_RE), rec, self.header)
+            self._parsed[rec.file] = sf
+        sf._ensure_open()
+        self._open[rec.file] = None
+        self._open.move_to_end(rec.file)
         while len(self._open) > self.size:
-            self._open.popitem(last=False)[1].close()
+            self._parsed[self._open.popitem(last=False)[0]].close()
         return sf
 
+    def entries(self, rec: ShardRec) -> list[Entry]:
+        sf = self.get(rec)
+        out = sf.entries
+        self._with_entries[rec.file] = None
+        self._with_entries.move_to_end(rec.file)
+        while len(self._with_entries) > self.entry_size:
+            self._parsed[self._with_entries.popitem(last=False)[0]].drop_entries()
+        return out
+
     def close(self) -> None:
-        for sf in self._open.values():
+        for sf in self._parsed.values():
             sf.close()
+        self._parsed.clear()
         self._open.clear()
+        self._with_entries.clear()

@@ -135,7 +135,7 @@ class KnowledgeBase:
             raise IndexError(i)
         sh = int(np.searchsorted(self._firsts, i, side="right") - 1)
         rec = self.state.shards[sh]
-        return self._shards.get(rec).entries[i - rec.first]
+        return self._shards.entries(rec)[i - rec.first]
 
     def values(self, space: str, step: int, ids) -> np.ndarray:
         """The stored latents ("latent") or denoised estimates ("denoised") at `step` for `ids`."""

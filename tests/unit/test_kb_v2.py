@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -197,3 +198,23 @@ def test_concurrent_appends_both_land_and_readers_see_whole_commits(tmp_path):
     assert len(kb) == 14 and sorted(prompts[2:]) == sorted([f"a {i}" for i in range(6)] + [f"b {i}" for i in range(6)])
     assert all(n % 2 == 0 for n in seen)
     assert validate_kb(kb_dir) == 14
+
+
+def test_shard_cache_reopens_closed_shards_and_refuses_a_replaced_one(tmp_path):
+    rng = np.random.default_rng(4)
+    kb_dir = tmp_path / "kb"
+    kb_writer.create_kb(kb_dir, fingerprint(), shard_rows=2)
+    x, d, e = batch(rng, 10, 0)
+    kb_writer.append_batch(kb_dir, x, d, e)
+    kb = KnowledgeBase.open(kb_dir)
+    kb._shards.size, kb._shards.entry_size = 2, 1  # 5 shards through 2 descriptors and 1 entry table
+    ids = [0, 3, 5, 7, 9, 1]
+    first = kb.values("latent", 2, ids)
+    np.testing.assert_array_equal(kb.values("latent", 2, ids), first)
+    assert [kb.entries[i].prompt for i in ids] == [f"p{i}" for i in ids]
+    shard = kb_dir / "shard_000000.safetensors"
+    (tmp_path / "copy").write_bytes(shard.read_bytes())
+    kb.values("latent", 2, [9, 7])  # shard 0's descriptor is closed by now
+    os.replace(tmp_path / "copy", shard)
+    with pytest.raises(KBError, match="shard_000000.safetensors was replaced or changed"):
+        kb.values("latent", 2, [0])
