@@ -38,10 +38,9 @@ OWN_STEPS = frozenset({"dpm_fast", "dpm_adaptive"})
 # samplers whose first k steps on sigmas[:k+1] equal the full run's first k steps
 # (checked for every sampler by `scripts/sampler_support.py --check`)
 SLICE_EXACT = frozenset({
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
-    "lms", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim",
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms",
+    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "er_sde", "seeds_2",
 })
 # samplers that draw no noise after the initial noise (a batch's items are independent of each other)
 DETERMINISTIC = frozenset({
@@ -55,15 +54,63 @@ BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3
 BROWNIAN_GPU = frozenset({"dpmpp_sde_gpu", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu"})
 
 
-def per_item_noise_sampler(sampler: str, x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int]):
-    """The noise sampler `sampler` builds for a batch of one with each item's seed, for a whole batch:
-    item b of a batched run then draws exactly the noise a batch-of-one run with seeds[b] draws."""
-    if sampler in BROWNIAN or sampler in BROWNIAN_GPU:
-        lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
-        items = [kds.BrownianTreeNoiseSampler(x[b : b + 1], lo, hi, seed=s, cpu=sampler in BROWNIAN) for b, s in enumerate(seeds)]
-    else:
-        items = [kds.default_noise_sampler(x[b : b + 1], seed=s) for b, s in enumerate(seeds)]
-    return lambda sigma, sigma_next: torch.cat([ns(sigma, sigma_next) for ns in items])
+class NoisePlan:
+    """The noise a stochastic sampler draws after the initial noise, arranged so that every phase of a
+    ReDi run draws what the full run draws at the same steps:
+
+    - Brownian-tree samplers (the SDE ones) get the tree over the WHOLE schedule's sigma range (a run
+      on sigmas[v:] would build it over [sigma_min, sigma_v] and draw other increments);
+    - generator samplers (ancestral, lcm, ...) get the seeded generator advanced past the draws the
+      full run makes before the phase's first step (counted in the key phase, per step);
+    - `item_seeds`: each item draws what a batch of one with its seed draws (KB builds, benchmarks);
+      otherwise the batch shares the stock generator and a subset of items takes its rows."""
+
+    def __init__(self, sampler: str, sigmas: torch.Tensor, seed: int, batch: int, item_seeds: list[int] | None = None) -> None:
+        self.sampler, self.sigmas, self.seed, self.batch, self.item_seeds = sampler, sigmas.cpu(), seed, batch, item_seeds
+        self.draws = 0  # noise-sampler calls of the key phase
+        self.key_steps = 0
+
+    @property
+    def active(self) -> bool:
+        return self.sampler not in DETERMINISTIC
+
+    def skip_for(self, start: int) -> int:
+        return 0 if start == 0 or not self.key_steps else round(self.draws / self.key_steps * start)
+
+    def make(self, x: torch.Tensor, idx: np.ndarray | None, start: int, count: bool):
+        """A noise sampler for a phase starting at step `start`, for the batch rows `idx` of `x`'s batch."""
+        rows = np.arange(x.shape[0]) if idx is None else np.asarray(idx)
+        shape = (self.batch, *x.shape[1:])
+        proto = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        brownian = self.sampler in BROWNIAN or self.sampler in BROWNIAN_GPU
+        if brownian:
+            lo, hi = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
+            cpu = self.sampler in BROWNIAN
+            if self.item_seeds is not None:
+                fns = [kds.BrownianTreeNoiseSampler(proto[:1], lo, hi, seed=self.item_seeds[r], cpu=cpu) for r in rows]
+            else:
+                tree = kds.BrownianTreeNoiseSampler(proto, lo, hi, seed=self.seed, cpu=cpu)
+                fns = [lambda s, sn, tree=tree: tree(s, sn)[torch.as_tensor(rows)]]
+        else:
+            skip = self.skip_for(start)
+            if self.item_seeds is not None:
+                fns = [_skipped(kds.default_noise_sampler(proto[:1], seed=self.item_seeds[r]), skip) for r in rows]
+            else:
+                gen = _skipped(kds.default_noise_sampler(proto, seed=self.seed), skip)
+                fns = [lambda s, sn, gen=gen: gen(s, sn)[torch.as_tensor(rows)]]
+
+        def sample(sigma, sigma_next):
+            if count:
+                self.draws += 1
+            return torch.cat([f(sigma, sigma_next) for f in fns])
+
+        return sample
+
+
+def _skipped(noise_sampler, n: int):
+    for _ in range(n):
+        noise_sampler(None, None)
+    return noise_sampler
 
 
 def check_sampler(sampler: str) -> None:
@@ -73,6 +120,15 @@ def check_sampler(sampler: str) -> None:
             f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
             "and ReDi cannot use it; use a fixed-step sampler such as euler, dpmpp_2m, heun, uni_pc, deis or euler_ancestral"
         )
+
+
+def sampler_problem(sampler: str) -> bool | str:
+    """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
+    try:
+        check_sampler(sampler)
+    except KBError as e:
+        return str(e)
+    return True
 
 
 def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor:
@@ -163,12 +219,11 @@ class Capture(comfy.samplers.Sampler):
     and can stop at a step. `offset` is the index of sigmas[0] in the whole schedule."""
 
     def __init__(self, name: str, offset: int = 0, stop_at: int | None = None, record: bool = True,
-                 item_seeds: list[int] | None = None) -> None:
+                 noise: NoisePlan | None = None, rows: np.ndarray | None = None) -> None:
         self.name = name
         self.inner = comfy.samplers.sampler_object(name)
         self.offset, self.stop_at, self.record = offset, stop_at, record
-        # per-item noise (a batch behaves as batches of one with these seeds); None: the stock batch noise
-        self.item_seeds = item_seeds if item_seeds is not None and name not in DETERMINISTIC else None
+        self.noise, self.rows = noise, rows  # the noise plan of the run and the batch rows of this phase
         self.xs: dict[int, torch.Tensor] = {}
         self.ds: dict[int, torch.Tensor] = {}
 
@@ -179,8 +234,11 @@ class Capture(comfy.samplers.Sampler):
         proxy = _RecordingModel(model_wrap)
         ms = model_wrap.inner_model.model_sampling
         inner = self.inner
-        if self.item_seeds is not None:
-            ns = per_item_noise_sampler(self.name, noise, sigmas, self.item_seeds)
+        if self.noise is not None and self.noise.active:
+            counting = self.offset == 0
+            if counting:
+                self.noise.draws, self.noise.key_steps = 0, (self.stop_at or len(sigmas) - 1)
+            ns = self.noise.make(noise, self.rows, self.offset, count=counting)
             inner = comfy.samplers.ksampler(self.name, {"noise_sampler": ns})
 
         def cb(i, x0, x, total):
@@ -232,6 +290,7 @@ class Phases:
         self.model_sampling = model.get_model_object("model_sampling")
         self.sigmas = ksampler_sigmas(model, sampler, scheduler, steps)
         self.preview = latent_preview.prepare_callback(model, steps) if preview else None
+        self.noise_plan: NoisePlan | None = None
 
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
@@ -247,29 +306,32 @@ class Phases:
     def trajectory(self, positive, latent: torch.Tensor, noise: torch.Tensor, seeds: list[int], stored: tuple[int, ...]):
         """Full run of a batch whose item b is sampled as a batch of one with seeds[b] (initial and
         per-step noise); returns {s: x after s steps} and {s: denoised at step s-1}, as numpy."""
-        cap = Capture(self.sampler, item_seeds=seeds)
+        cap = Capture(self.sampler, noise=NoisePlan(self.sampler, self.sigmas, seeds[0], len(seeds), seeds))
         self._run(cap, positive, latent, noise, self.sigmas, seeds[0])
         return ({s: cap.xs[s].numpy() for s in stored}, {s: cap.ds[s - 1].numpy() for s in stored})
 
     def key_phase(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, k: int,
                   item_seeds: list[int] | None = None) -> KeyState:
         """The first k steps, on the trajectory a full run takes; `noise` as comfy.sample.prepare_noise makes it
-        (`item_seeds`: per-item noise as in `trajectory`, for benchmarks)."""
+        (`item_seeds`: each item's noise as a batch of one with its seed, as `trajectory` does)."""
         stop = stop_step_for(self.sampler, k)
-        cap = Capture(self.sampler, stop_at=stop, item_seeds=item_seeds)
+        self.noise_plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds)
+        cap = Capture(self.sampler, stop_at=stop, noise=self.noise_plan)
         self._run(cap, positive, latent, noise, self.sigmas if stop else self.sigmas[: k + 1], seed)
         return key_state(cap, k, self.sigmas)
 
-    def finish(self, positive, x_model: np.ndarray, start: int, seed: int, item_seeds: list[int] | None = None) -> torch.Tensor:
-        """Sample from `start` to the end; input is the sampler state x, output in ComfyUI's latent space."""
-        cap = Capture(self.sampler, offset=start, record=False, item_seeds=item_seeds)
+    def finish(self, positive, x_model: np.ndarray, start: int, seed: int, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Sample the batch rows `rows` (all: None) of the last key phase from `start` to the end, on the
+        full run's noise; input is the sampler state x, output in ComfyUI's latent space."""
+        cap = Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
         x = to_latent_image(self.model_sampling, float(self.sigmas[start]), torch.from_numpy(np.ascontiguousarray(x_model)))
         x = self.to_out(x)
         return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed)
 
     def full(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, item_seeds: list[int] | None = None) -> torch.Tensor:
-        """The stock KSampler's run (reference for benchmarks and the support table)."""
-        return self._run(Capture(self.sampler, record=False, item_seeds=item_seeds), positive, latent, noise, self.sigmas, seed)
+        """The stock KSampler's run (each item as a batch of one with `item_seeds`), for benchmarks."""
+        plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds) if item_seeds else None
+        return self._run(Capture(self.sampler, record=False, noise=plan), positive, latent, noise, self.sigmas, seed)
 
 
 def check_interrupt() -> None:

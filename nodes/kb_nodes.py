@@ -87,6 +87,10 @@ class ReDiKBBuilder(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
+
+    @classmethod
     def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
                 seed_mode, seed, stored_steps, kb_name, prompts_file="") -> io.NodeOutput:
         stored = parse_steps(stored_steps, steps)

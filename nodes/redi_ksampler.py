@@ -71,6 +71,10 @@ class ReDiKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,
                 value_step, neighbours, key_space, max_key_distance, max_residual, content_positive=None,
                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
@@ -89,7 +93,7 @@ class ReDiKSampler(io.ComfyNode):
         ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]))
         out = torch.zeros(latent.shape)
         for start, idx, src in ret.starts(state, params):
-            out[idx] = phases.finish(positive, src, start, seed).float().cpu()
+            out[idx] = phases.finish(positive, src, start, seed, rows=idx).float().cpu()
         lines = summary_lines(ret, params, steps) + [nfe_line(counter.calls, key_calls, sampler_name, params.key_step)] + notes
         result = dict(latent_image)
         result["samples"] = out

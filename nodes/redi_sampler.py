@@ -50,7 +50,8 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                                             self.max_weight_deviation)
         k, v = params.key_step, params.value_step
         stop = comfy_sampling.stop_step_for(self.inner_name, k)
-        key = comfy_sampling.Capture(self.inner_name, stop_at=stop)
+        plan = comfy_sampling.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
+        key = comfy_sampling.Capture(self.inner_name, stop_at=stop, noise=plan)
 
         saved_conds = model_wrap.conds
         if self.content is not None:
@@ -70,7 +71,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         ms = model_wrap.inner_model.model_sampling
         for start, idx, start_states in ret.starts(state, params):
             src = comfy_sampling.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
-            finish = comfy_sampling.Capture(self.inner_name, offset=start, record=False)
+            finish = comfy_sampling.Capture(self.inner_name, offset=start, record=False, noise=plan, rows=idx)
 
             def finish_cb(i, x0, x, _n, start=start):
                 if callback is not None:
@@ -99,6 +100,10 @@ class ReDiSampler(io.ComfyNode):
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's sampler input.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
 
     @classmethod
     def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,

@@ -95,11 +95,11 @@ class Support:
             off = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, 0.0, 0.0, 0.0), sigma_v)
             on = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, **self.guard), sigma_v)
             all_idx = np.arange(n)
-            redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0], item_seeds=seeds).float().cpu())
+            redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0]).float().cpu())
             redi_on = redi_off.copy()
             rej = np.flatnonzero(~on.accepted)
             if len(rej):
-                lat = ph.finish(_slice_cond(self.cond, rej), state.x[rej], K, seeds[0], item_seeds=[seeds[i] for i in rej])
+                lat = ph.finish(_slice_cond(self.cond, rej), state.x[rej], K, seeds[0], rows=rej)
                 redi_on[rej] = self._decode(lat.float().cpu())
             p_off, p_on = evaluator.psnr(redi_off, full), evaluator.psnr(redi_on, full)
             acc = {name: float(np.mean(list(evaluator.accuracy(self.net, imgs, self.samples).values())))
