@@ -25,7 +25,11 @@ from .knowledge_base import KnowledgeBase
 
 # The quality guard's defaults, calibrated on the demo model (scripts/sampler_support.py --calibrate,
 # README "Quality guard"); each 0 disables its check.
-GUARD_DEFAULTS = {"max_key_distance": 0.6, "max_residual": 0.6, "max_weight_deviation": 0.5}
+# Good retrievals measured: latent keys (KB's seed) distance <= 0.52, |sum w - 1| <= 0.10; denoised keys
+# (new seeds) distance <= 1.22, residual <= 0.99, |sum w - 1| <= 0.75 (PSNR 26-40 dB to the full run).
+# Failures of issue 15: w = +5.1..+7.4 (UniPC), +159 (zsnr), distance 1.67-1.96 (deis). The residual
+# (<= 1 by construction) does not separate them, so its check is off by default.
+GUARD_DEFAULTS = {"max_key_distance": 1.5, "max_residual": 0.0, "max_weight_deviation": 2.0}
 
 
 @dataclass(frozen=True)

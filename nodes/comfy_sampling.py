@@ -49,6 +49,8 @@ DETERMINISTIC = frozenset({
     "uni_pc_bh2", "dpm_fast", "dpm_adaptive",
 })
 
+# samplers whose trajectories KBs built before issue 15 recorded correctly (deterministic, truthful callbacks)
+RECORDED_RIGHT_BEFORE_V2 = DETERMINISTIC - {"ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "dpm_fast", "dpm_adaptive"}
 # stochastic samplers whose noise comes from a Brownian tree over the schedule's sigma range (the rest: a seeded generator)
 BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
 BROWNIAN_GPU = frozenset({"dpmpp_sde_gpu", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu"})

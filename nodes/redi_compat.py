@@ -20,7 +20,10 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     if comfy_sampling.model_hash(model) != fp.model_hash:
         problems.append(f"model: KB {kb.name} was built with another model ({fp.model_name}, hash {fp.model_hash}) or other LoRA/patches; build a KB with this model")
     sampling = comfy_sampling.sampling_signature(model)
-    if not fp.sampling:
+    if not fp.sampling and fp.sampler not in comfy_sampling.RECORDED_RIGHT_BEFORE_V2:
+        problems.append(f"KB {kb.name} was built by an earlier version of this pack, which recorded wrong {fp.sampler} trajectories "
+                        "(a stale or rescaled sampler state, or batch-dependent noise); rebuild it with this version")
+    elif not fp.sampling:
         notes.append(f"KB {kb.name} predates the sampling fingerprint: model-sampling patches (zsnr, v-prediction, shift) are not checked; rebuild it to check them")
     elif sampling != fp.sampling:
         problems.append(

@@ -23,7 +23,7 @@ def redi_inputs() -> list:
         io.Float.Input("max_key_distance", default=GUARD_DEFAULTS["max_key_distance"], min=0.0, max=10.0, step=0.01,
                        tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), the item is sampled in full from the key step instead, and the report says so. The default is calibrated on the demo model (README); 0 turns this check off."),
         io.Float.Input("max_residual", default=GUARD_DEFAULTS["max_residual"], min=0.0, max=10.0, step=0.01,
-                       tooltip="Quality guard: when the least-squares blend misses the query by more than this (relative), the item is sampled in full from the key step. 0 turns this check off."),
+                       tooltip="Quality guard: when the least-squares blend misses the query by more than this (relative, 0..1), the item is sampled in full from the key step. 0 (the default) turns this check off: on the demo model good new-seed retrievals reach 0.99, so it separates nothing there; useful with H > 1."),
         io.Float.Input("max_weight_deviation", default=GUARD_DEFAULTS["max_weight_deviation"], min=0.0, max=100.0, step=0.01, optional=True,
                        tooltip="Quality guard: when the blend weights sum further than this from 1 (with H=1: the nearest trajectory rescaled by far more or less than 1, a sign of a mismatched trajectory), the item is sampled in full from the key step. 0 turns this check off."),
     ]
