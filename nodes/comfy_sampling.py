@@ -86,8 +86,9 @@ class NoisePlan:
         proto = torch.zeros(shape, dtype=x.dtype, device=x.device)
         brownian = self.sampler in BROWNIAN or self.sampler in BROWNIAN_GPU
         if brownian:
-            lo, hi = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
             cpu = self.sampler in BROWNIAN
+            sig = self.sigmas if cpu else self.sigmas.to(x.device)
+            lo, hi = sig[sig > 0].min(), sig.max()
             if self.item_seeds is not None:
                 fns = [kds.BrownianTreeNoiseSampler(proto[:1], lo, hi, seed=self.item_seeds[r], cpu=cpu) for r in rows]
             else:
