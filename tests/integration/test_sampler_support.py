@@ -54,22 +54,21 @@ def test_query_of_a_kb_entry_finds_it_and_stays_within_tolerance(server, sampler
     assert psnr >= 20.0, f"{sampler}: ReDi {psnr:.1f} dB from the stock KSampler; {lines}"
 
 
+def redi_only(kb_name: str, sampler: str = "euler") -> dict:
+    """The KB build and ReDi KSampler alone (the build resumes instantly once the KB exists)."""
+    g = redi_and_stock(sampler, kb_name)
+    for nid in ("5", "18", "19"):
+        del g[nid]
+    return g
+
+
 @pytest.mark.parametrize("sampler", ["dpm_adaptive", "dpm_fast"])
 def test_adaptive_samplers_refused_at_queue_time(server, sampler):
-    g = redi_and_stock(sampler, f"kb15_{sampler}")
-    status, body = server.queue(g)
+    status, body = server.queue(redi_only(f"kb15_{sampler}", sampler))
     assert status == 400, body
     text = str(body["node_errors"])
     assert "chooses its own time steps" in text and "euler" in text and "dpmpp_2m" in text, text
     assert not (server.kb_dir / f"kb15_{sampler}").exists()
-
-
-def redi_only(kb_name: str) -> dict:
-    """The KB build and ReDi KSampler alone (the build resumes instantly once the KB exists)."""
-    g = redi_and_stock("euler", kb_name)
-    for nid in ("5", "18", "19"):
-        del g[nid]
-    return g
 
 
 @pytest.fixture(scope="module")
