@@ -16,7 +16,7 @@ from .kb_format import Entry, Fingerprint, State
 RunBatch = Callable[[list[str], list[int]], tuple[dict[int, np.ndarray], dict[int, np.ndarray]]]
 
 # Fields that must agree for two builds (or shards) to share a KB.
-COMPAT_FIELDS = ("model_hash", "latent_shape", "sampler", "scheduler", "steps", "cfg", "stored_steps", "seed_mode", "negative_hash")
+COMPAT_FIELDS = ("model_hash", "latent_shape", "sampler", "scheduler", "steps", "cfg", "stored_steps", "seed_mode", "negative_hash", "sampling", "negative_cond")
 
 
 def clean_prompts(prompts: list[str]) -> list[str]:

@@ -80,6 +80,9 @@ class Fingerprint:
     seed_mode: str  # "fixed": every entry uses `seed`; "range": entry i of a build uses seed + i
     seed: int
     negative_hash: str = ""
+    # what changes the trajectory beyond the weights (issue 15); "" in KBs built before these fields
+    sampling: str = ""  # the model's model_sampling: prediction type, sigma range and table (zsnr, shift, v-pred patches)
+    negative_cond: str = ""  # a numeric signature of the encoded negative prompt (the query only sees conditioning)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_shape", tuple(int(v) for v in self.latent_shape))

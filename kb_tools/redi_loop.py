@@ -23,6 +23,14 @@ from .errors import KBError
 from .kb_format import KEY_SPACES
 from .knowledge_base import KnowledgeBase
 
+# The quality guard's defaults, calibrated on the demo model (scripts/sampler_support.py --calibrate,
+# README "Quality guard"); each 0 disables its check.
+# Good retrievals measured: latent keys (KB's seed) distance <= 0.52, |sum w - 1| <= 0.10; denoised keys
+# (new seeds) distance <= 1.22, residual <= 0.99, |sum w - 1| <= 0.75 (PSNR 26-40 dB to the full run).
+# Failures of issue 15: w = +5.1..+7.4 (UniPC), +159 (zsnr), distance 1.67-1.96 (deis). The residual
+# (<= 1 by construction) does not separate them, so its check is off by default.
+GUARD_DEFAULTS = {"max_key_distance": 1.5, "max_residual": 0.0, "max_weight_deviation": 2.0}
+
 
 @dataclass(frozen=True)
 class ReDiParams:
@@ -30,13 +38,17 @@ class ReDiParams:
     value_step: int
     neighbours: int = 1
     key_space: str = "latent"
-    max_key_distance: float = 0.0  # relative ||y - nearest|| / ||y||; 0 disables the guard
-    max_residual: float = 0.0  # relative least-squares residual; 0 disables the guard
+    max_key_distance: float = GUARD_DEFAULTS["max_key_distance"]  # relative ||y - nearest|| / ||y||
+    max_residual: float = GUARD_DEFAULTS["max_residual"]  # relative least-squares residual
+    max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]  # |sum of blend weights - 1|
 
     def validate(self, steps: int, kb: KnowledgeBase | None = None) -> None:
         k, v = self.key_step, self.value_step
         if not 1 <= k < v <= steps:
             raise KBError(f"need 1 <= key step ({k}) < value step ({v}) <= steps ({steps}); lower the key step or raise the value step")
+        for name in ("max_key_distance", "max_residual", "max_weight_deviation"):
+            if getattr(self, name) < 0:
+                raise KBError(f"{name} must be 0 (off) or positive, not {getattr(self, name)}")
         if self.neighbours < 1:
             raise KBError(f"neighbours must be at least 1, not {self.neighbours}")
         if self.key_space not in KEY_SPACES:
@@ -114,6 +126,8 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             rep.accepted, rep.reason = False, f"nearest key at {rel[0]:.3f} > max {params.max_key_distance:.3f}"
         elif params.max_residual > 0 and resid > params.max_residual:
             rep.accepted, rep.reason = False, f"blend residual {resid:.3f} > max {params.max_residual:.3f}"
+        elif params.max_weight_deviation > 0 and abs(float(np.sum(w)) - 1.0) > params.max_weight_deviation:
+            rep.accepted, rep.reason = False, f"blend weights sum to {float(np.sum(w)):+.3f}, more than {params.max_weight_deviation:.2f} from 1"
         if rep.accepted:
             value = blend(kb.values(space, v, nb), w)
             if space == "denoised":
@@ -124,12 +138,37 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
     return Retrieval(x_v, accepted, reports)
 
 
+def signatures_match(a: str, b: str, tol: float = 2e-3) -> bool:
+    """Compare two conditioning signatures ("SHAPE:v1,v2,...;rms", see nodes/comfy_sampling.py):
+    same shape and every value within `tol` (encoder float noise, not another prompt)."""
+    if a == b:
+        return True
+    try:
+        shape_a, vals_a = a.split(":", 1)
+        shape_b, vals_b = b.split(":", 1)
+        va = [float(v) for v in vals_a.replace(";", ",").split(",")]
+        vb = [float(v) for v in vals_b.replace(";", ",").split(",")]
+    except ValueError:
+        return False
+    return shape_a == shape_b and len(va) == len(vb) and all(abs(x - y) <= tol for x, y in zip(va, vb))
+
+
+def guard_line(params: ReDiParams) -> str:
+    checks = [f"{name} {value:g}" for name, value in (("distance", params.max_key_distance), ("residual", params.max_residual),
+                                                      ("|sum w - 1|", params.max_weight_deviation)) if value > 0]
+    return "guard: " + (", ".join(f"max {c}" for c in checks) if checks else "OFF (every item takes its neighbours)")
+
+
 def summary_lines(ret: Retrieval, params: ReDiParams, steps: int) -> list[str]:
     """Human-readable report for the node's UI."""
     skipped = params.value_step - params.key_step
-    lines = [f"ReDi: key step {params.key_step}, value step {params.value_step}, {params.key_space} keys, H={params.neighbours}"]
+    rejected = int((~ret.accepted).sum())
+    lines = [f"ReDi: key step {params.key_step}, value step {params.value_step}, {params.key_space} keys, H={params.neighbours}",
+             guard_line(params)]
+    if rejected:
+        lines.append(f"guard: {rejected} of {len(ret.accepted)} items sampled in full from step {params.key_step} (no steps skipped)")
     for b, r in enumerate(ret.reports):
-        head = f"[{b}] " + (f"skipped {skipped} of {steps} steps" if r.accepted else f"full sampling ({r.reason})")
+        head = f"[{b}] " + (f"skipped {skipped} of {steps} steps" if r.accepted else f"full sampling from step {params.key_step}, guard: {r.reason}")
         lines.append(head)
         for p, d, w in zip(r.prompts, r.distances, r.weights):
             lines.append(f"    w={w:+.3f} dist={d:.3f}  {p[:80]}")

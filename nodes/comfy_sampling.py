@@ -1,15 +1,26 @@
 """ReDi's sampling phases on ComfyUI's stock samplers (used by the KB Builder,
-the ReDi KSampler and the headless `kb_tools build`).
+the ReDi KSampler, the ReDi Sampler and the headless `kb_tools build`).
 
-All latents handed to kb_tools are in the model's internal space (after
-`process_latent_in`), the space the samplers and their callbacks work in.
+All latents handed to kb_tools are the sampler's own state x (the model's internal
+space, noise included), the same for every sampler:
+
+- x after s steps is read from the model evaluation that precedes the sampler's
+  step-s callback (the callback's own `x` is stale in ipndm, ipndm_v and deis, and
+  scaled by 1/sqrt(1+sigma^2) in ComfyUI's UniPC), except for UniPC, whose corrected
+  x is never evaluated: there the callback's x is scaled back.
+- The key phase of a sampler whose first k steps depend on the whole schedule
+  (UniPC's final-order logic, the SDE samplers' Brownian tree over the schedule's
+  sigma range, ...) runs the FULL schedule and stops at step k, so the key is the
+  point of the trajectory the KB stored. Samplers measured slice-exact run only
+  sigmas[:k+1] (no extra UNet call).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
 
+import comfy.k_diffusion.sampling as kds
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -17,7 +28,115 @@ import latent_preview
 import numpy as np
 import torch
 
+from ..kb_tools.errors import KBError
 from ..kb_tools.redi_loop import KeyState
+
+# ComfyUI's UniPC reports x / sqrt(1 + sigma^2) after step i to its callback
+VP_CALLBACK = frozenset({"uni_pc", "uni_pc_bh2"})
+# samplers that pick their own time steps instead of the scheduler's: there is no step k to stop at
+OWN_STEPS = frozenset({"dpm_fast", "dpm_adaptive"})
+# samplers whose first k steps on sigmas[:k+1] equal the full run's first k steps
+# (checked for every sampler by `scripts/sampler_support.py --check`)
+SLICE_EXACT = frozenset({
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms",
+    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "er_sde", "seeds_2",
+})
+# samplers that draw no noise after the initial noise (a batch's items are independent of each other)
+DETERMINISTIC = frozenset({
+    "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis",
+    "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc",
+    "uni_pc_bh2", "dpm_fast", "dpm_adaptive",
+})
+
+# samplers whose trajectories KBs built before issue 15 recorded correctly (deterministic, truthful callbacks)
+RECORDED_RIGHT_BEFORE_V2 = DETERMINISTIC - {"ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "dpm_fast", "dpm_adaptive"}
+# stochastic samplers whose noise comes from a Brownian tree over the schedule's sigma range (the rest: a seeded generator)
+BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+BROWNIAN_GPU = frozenset({"dpmpp_sde_gpu", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu"})
+
+
+class NoisePlan:
+    """The noise a stochastic sampler draws after the initial noise, arranged so that every phase of a
+    ReDi run draws what the full run draws at the same steps:
+
+    - Brownian-tree samplers (the SDE ones) get the tree over the WHOLE schedule's sigma range (a run
+      on sigmas[v:] would build it over [sigma_min, sigma_v] and draw other increments);
+    - generator samplers (ancestral, lcm, ...) get the seeded generator advanced past the draws the
+      full run makes before the phase's first step (counted in the key phase, per step);
+    - `item_seeds`: each item draws what a batch of one with its seed draws (KB builds, benchmarks);
+      otherwise the batch shares the stock generator and a subset of items takes its rows."""
+
+    def __init__(self, sampler: str, sigmas: torch.Tensor, seed: int, batch: int, item_seeds: list[int] | None = None) -> None:
+        self.sampler, self.sigmas, self.seed, self.batch, self.item_seeds = sampler, sigmas.cpu(), seed, batch, item_seeds
+        self.draws = 0  # noise-sampler calls of the key phase
+        self.key_steps = 0
+
+    @property
+    def active(self) -> bool:
+        return self.sampler not in DETERMINISTIC
+
+    def skip_for(self, start: int) -> int:
+        return 0 if start == 0 or not self.key_steps else round(self.draws / self.key_steps * start)
+
+    def make(self, x: torch.Tensor, idx: np.ndarray | None, start: int, count: bool):
+        """A noise sampler for a phase starting at step `start`, for the batch rows `idx` of `x`'s batch."""
+        rows = np.arange(x.shape[0]) if idx is None else np.asarray(idx)
+        shape = (self.batch, *x.shape[1:])
+        proto = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        brownian = self.sampler in BROWNIAN or self.sampler in BROWNIAN_GPU
+        if brownian:
+            cpu = self.sampler in BROWNIAN
+            sig = self.sigmas if cpu else self.sigmas.to(x.device)
+            lo, hi = sig[sig > 0].min(), sig.max()
+            if self.item_seeds is not None:
+                fns = [kds.BrownianTreeNoiseSampler(proto[:1], lo, hi, seed=self.item_seeds[r], cpu=cpu) for r in rows]
+            else:
+                tree = kds.BrownianTreeNoiseSampler(proto, lo, hi, seed=self.seed, cpu=cpu)
+                fns = [lambda s, sn, tree=tree: tree(s, sn)[torch.as_tensor(rows)]]
+        else:
+            skip = self.skip_for(start)
+            if self.item_seeds is not None:
+                fns = [_skipped(kds.default_noise_sampler(proto[:1], seed=self.item_seeds[r]), skip) for r in rows]
+            else:
+                gen = _skipped(kds.default_noise_sampler(proto, seed=self.seed), skip)
+                fns = [lambda s, sn, gen=gen: gen(s, sn)[torch.as_tensor(rows)]]
+
+        def sample(sigma, sigma_next):
+            if count:
+                self.draws += 1
+            return torch.cat([f(sigma, sigma_next) for f in fns])
+
+        return sample
+
+
+def _skipped(noise_sampler, n: int):
+    for _ in range(n):
+        noise_sampler(None, None)
+    return noise_sampler
+
+
+def check_sampler(sampler: str) -> None:
+    """Refuse samplers ReDi cannot split at a step (their own step choice)."""
+    if sampler in OWN_STEPS:
+        raise KBError(
+            f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
+            "and ReDi cannot use it; use a fixed-step sampler such as euler, dpmpp_2m, heun, uni_pc, deis or euler_ancestral"
+        )
+
+
+def sampler_problem(sampler: str) -> bool | str:
+    """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
+    try:
+        check_sampler(sampler)
+    except KBError as e:
+        return str(e)
+    return True
+
+
+def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor:
+    """The sigmas the stock KSampler uses (dpm_2 and UniPC drop the penultimate sigma of a steps+1 schedule)."""
+    return comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler, scheduler=scheduler, denoise=1.0).sigmas.cpu()
 
 
 def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:
@@ -40,77 +159,182 @@ def model_hash(model) -> str:
     return h.hexdigest()[:20]
 
 
+def sampling_signature(model) -> str:
+    """What the model's sampling object does to a trajectory: its class (prediction type), its
+    sigma range and a sample of its sigma table (zsnr, shift, v-prediction patches all change it)."""
+    ms = model.get_model_object("model_sampling")
+    # the classes of comfy.model_sampling it mixes (e.g. ModelSamplingDiscrete + EPS), not the dynamic class name
+    parts = [c.__name__ for c in type(ms).__mro__ if c.__module__ == "comfy.model_sampling"]
+    parts.append(f"min={float(ms.sigma_min):.5g} max={float(ms.sigma_max):.5g}")
+    sig = getattr(ms, "sigmas", None)
+    if sig is not None and sig.numel():
+        pick = sig.flatten()[:: max(1, sig.numel() // 16)].float().cpu().tolist()
+        parts.append("sigmas=" + ",".join(f"{v:.5g}" for v in pick))
+    for name in ("shift", "multiplier", "sigma_data"):
+        if hasattr(ms, name):
+            parts.append(f"{name}={float(getattr(ms, name)):.5g}")
+    return "; ".join(parts)
+
+
+def conditioning_signature(cond) -> str:
+    """A numeric signature of an encoded conditioning (its shape, per-channel means over the
+    tokens and RMS of the first entry), compared with a tolerance by `redi_compat`; it works on
+    both the node form [[tensor, {...}]] and the sampler's converted form [{"cross_attn": tensor}]."""
+    if not cond:
+        return "none"
+    c = cond[0]
+    t = c.get("cross_attn") if isinstance(c, dict) else c[0]
+    if t is None:
+        return "none"
+    t = t.detach().float().cpu()
+    mean = t.reshape(t.shape[0], -1, t.shape[-1]).mean(dim=1)[0]
+    picks = mean[:: max(1, mean.numel() // 16)][:16].tolist()
+    rms = float(t.pow(2).mean().sqrt())
+    return "x".join(str(v) for v in t.shape[1:]) + ":" + ",".join(f"{v:.4f}" for v in picks) + f";{rms:.4f}"
+
+
 def noise_for(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Per-item noise: item b gets exactly the noise a batch-1 run with seeds[b] gets."""
     return torch.cat([comfy.sample.prepare_noise(latent[b : b + 1], s) for b, s in enumerate(seeds)])
 
 
-@dataclass
-class _Recorder:
-    """Sampler callback that keeps (x before the step, denoised) per step and forwards previews."""
-
-    offset: int
-    total: int
-    preview: object
-    xs: dict
-    ds: dict
-
-    def __call__(self, i, x0, x, _n):
-        step = i + self.offset
-        self.xs[step] = x.detach().float().cpu()
-        self.ds[step] = x0.detach().float().cpu()
-        if self.preview is not None:
-            self.preview(step, x0, x, self.total)
+class _Stop(Exception):
+    """Raised by the recording callback to end a full-schedule run at the key step."""
 
 
-def sample_range(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_out, start, last, seed, rec, force_full):
-    """The stock sampler over steps [start, last) of a `steps`-step schedule (ComfyUI latent space)."""
-    return comfy.sample.sample(
-        model, noise, steps, cfg, sampler, scheduler, positive, negative, latent_out,
-        denoise=1.0, disable_noise=start > 0, start_step=start, last_step=last,
-        force_full_denoise=force_full, callback=rec, disable_pbar=True, seed=seed,
-    )
+class _RecordingModel:
+    """Stands in for the guider inside a sampler: remembers the input of the last model evaluation."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.last_x: torch.Tensor | None = None
+
+    def __call__(self, x, sigma, **kwargs):
+        self.last_x = x
+        return self._inner(x, sigma, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class Capture(comfy.samplers.Sampler):
+    """A stock sampler that records x and the denoised estimate after each step (model space)
+    and can stop at a step. `offset` is the index of sigmas[0] in the whole schedule."""
+
+    def __init__(self, name: str, offset: int = 0, stop_at: int | None = None, record: bool = True,
+                 noise: NoisePlan | None = None, rows: np.ndarray | None = None) -> None:
+        self.name = name
+        self.inner = comfy.samplers.sampler_object(name)
+        self.offset, self.stop_at, self.record = offset, stop_at, record
+        self.noise, self.rows = noise, rows  # the noise plan of the run and the batch rows of this phase
+        self.xs: dict[int, torch.Tensor] = {}
+        self.ds: dict[int, torch.Tensor] = {}
+
+    def max_denoise(self, model_wrap, sigmas):
+        return self.inner.max_denoise(model_wrap, sigmas)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        proxy = _RecordingModel(model_wrap)
+        ms = model_wrap.inner_model.model_sampling
+        inner = self.inner
+        if self.noise is not None and self.noise.active:
+            counting = self.offset == 0
+            if counting:
+                self.noise.draws, self.noise.key_steps = 0, (self.stop_at or len(sigmas) - 1)
+            ns = self.noise.make(noise, self.rows, self.offset, count=counting)
+            inner = comfy.samplers.ksampler(self.name, {"noise_sampler": ns})
+
+        def cb(i, x0, x, total):
+            step = i + self.offset
+            if self.record:
+                if self.name in VP_CALLBACK:
+                    state = x * math.sqrt(1.0 + float(sigmas[i]) ** 2)
+                else:
+                    state = proxy.last_x if proxy.last_x is not None else x
+                self.xs[step] = state.detach().float().cpu().clone()
+                self.ds[step] = x0.detach().float().cpu().clone()
+            if callback is not None:
+                callback(i, x0, x, total)
+            if self.stop_at is not None and step == self.stop_at:
+                raise _Stop
+
+        try:
+            out = inner.sample(proxy, sigmas, extra_args, cb, noise, latent_image, denoise_mask, disable_pbar)
+        except _Stop:
+            # returned like a run that ended at sigma_k (inverse_noise_scaling as KSAMPLER does)
+            return ms.inverse_noise_scaling(sigmas[self.stop_at - self.offset], self.xs[self.stop_at].to(noise))
+        end = self.offset + len(sigmas) - 1
+        if self.record:
+            self.xs[end] = ms.noise_scaling(sigmas[-1], torch.zeros_like(out), out).detach().float().cpu()
+        return out
+
+
+def stop_step_for(sampler: str, k: int) -> int | None:
+    """None: the key phase runs sigmas[:k+1]; else it runs the whole schedule and stops at k."""
+    return None if sampler in SLICE_EXACT else k
+
+
+def key_state(cap: Capture, k: int, sigmas: torch.Tensor) -> KeyState:
+    return KeyState.after_key_phase(cap.xs[k].numpy(), cap.xs[k - 1].numpy(), cap.ds[k - 1].numpy(), float(sigmas[k - 1]))
+
+
+def to_latent_image(model_sampling, sigma: float, x_model: torch.Tensor) -> torch.Tensor:
+    """The latent a sampler started at `sigma` with zero noise must be given to continue from state x."""
+    return model_sampling.inverse_noise_scaling(torch.tensor(float(sigma)), x_model)
 
 
 class Phases:
     """The stock sampler split at arbitrary steps, for one ComfyUI model and settings."""
 
     def __init__(self, model, steps: int, cfg: float, sampler: str, scheduler: str, negative, preview: bool = True):
+        check_sampler(sampler)
         self.model, self.steps, self.cfg, self.sampler, self.scheduler, self.negative = model, steps, cfg, sampler, scheduler, negative
         self.latent_format = model.get_model_object("latent_format")
-        self.sigmas = sigmas_for(model, scheduler, steps)
+        self.model_sampling = model.get_model_object("model_sampling")
+        self.sigmas = ksampler_sigmas(model, sampler, scheduler, steps)
         self.preview = latent_preview.prepare_callback(model, steps) if preview else None
-
-    def to_model(self, t: torch.Tensor) -> torch.Tensor:
-        return self.latent_format.process_in(t)
+        self.noise_plan: NoisePlan | None = None
 
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
 
-    def trajectory(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, stored: tuple[int, ...]):
-        """Full run; returns {s: x after s steps} and {s: denoised at step s-1}, as numpy."""
-        xs, ds = {}, {}
-        rec = _Recorder(0, self.steps, self.preview, xs, ds)
-        out = sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                      positive, self.negative, latent, 0, self.steps, seed, rec, True)
-        xs[self.steps] = self.to_model(out.float().cpu())
-        return ({s: xs[s].numpy() for s in stored}, {s: ds[s - 1].numpy() for s in stored})
+    def _run(self, cap: Capture, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, seed: int):
+        preview = None
+        if self.preview is not None:
+            preview = lambda i, x0, x, _total: self.preview(i + cap.offset, x0, x, self.steps)  # noqa: E731
+        return comfy.samplers.sample(self.model, noise, positive, self.negative, self.cfg, self.model.load_device, cap, sigmas,
+                                     model_options=self.model.model_options, latent_image=latent, callback=preview,
+                                     disable_pbar=True, seed=seed)
 
-    def key_phase(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, k: int) -> KeyState:
-        """The first k steps; `noise` as comfy.sample.prepare_noise makes it."""
-        xs, ds = {}, {}
-        rec = _Recorder(0, self.steps, self.preview, xs, ds)
-        out = sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                      positive, self.negative, latent, 0, k, seed, rec, False)
-        return KeyState.after_key_phase(self.to_model(out.float().cpu()).numpy(), xs[k - 1].numpy(), ds[k - 1].numpy(), self.sigmas[k - 1])
+    def trajectory(self, positive, latent: torch.Tensor, noise: torch.Tensor, seeds: list[int], stored: tuple[int, ...]):
+        """Full run of a batch whose item b is sampled as a batch of one with seeds[b] (initial and
+        per-step noise); returns {s: x after s steps} and {s: denoised at step s-1}, as numpy."""
+        cap = Capture(self.sampler, noise=NoisePlan(self.sampler, self.sigmas, seeds[0], len(seeds), seeds))
+        self._run(cap, positive, latent, noise, self.sigmas, seeds[0])
+        return ({s: cap.xs[s].numpy() for s in stored}, {s: cap.ds[s - 1].numpy() for s in stored})
 
-    def finish(self, positive, x_model: np.ndarray, start: int, seed: int) -> torch.Tensor:
-        """Sample from `start` to the end; input in model space, output in ComfyUI's latent space."""
-        rec = _Recorder(start, self.steps, self.preview, {}, {})
-        x = self.to_out(torch.from_numpy(np.ascontiguousarray(x_model)))
-        noise = torch.zeros_like(x)
-        return sample_range(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                       positive, self.negative, x, start, self.steps, seed, rec, True)
+    def key_phase(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, k: int,
+                  item_seeds: list[int] | None = None) -> KeyState:
+        """The first k steps, on the trajectory a full run takes; `noise` as comfy.sample.prepare_noise makes it
+        (`item_seeds`: each item's noise as a batch of one with its seed, as `trajectory` does)."""
+        stop = stop_step_for(self.sampler, k)
+        self.noise_plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds)
+        cap = Capture(self.sampler, stop_at=stop, noise=self.noise_plan)
+        self._run(cap, positive, latent, noise, self.sigmas if stop else self.sigmas[: k + 1], seed)
+        return key_state(cap, k, self.sigmas)
+
+    def finish(self, positive, x_model: np.ndarray, start: int, seed: int, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Sample the batch rows `rows` (all: None) of the last key phase from `start` to the end, on the
+        full run's noise; input is the sampler state x, output in ComfyUI's latent space."""
+        cap = Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
+        x = to_latent_image(self.model_sampling, float(self.sigmas[start]), torch.from_numpy(np.ascontiguousarray(x_model)))
+        x = self.to_out(x)
+        return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed)
+
+    def full(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, item_seeds: list[int] | None = None) -> torch.Tensor:
+        """The stock KSampler's run (each item as a batch of one with `item_seeds`), for benchmarks."""
+        plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds) if item_seeds else None
+        return self._run(Capture(self.sampler, record=False, noise=plan), positive, latent, noise, self.sigmas, seed)
 
 
 def check_interrupt() -> None:

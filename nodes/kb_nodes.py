@@ -91,6 +91,10 @@ class ReDiKBBuilder(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
+
+    @classmethod
     def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
                 seed_mode, seed, stored_steps, kb_name, prompts_file="") -> io.NodeOutput:
         stored = parse_steps(stored_steps, steps)
@@ -109,24 +113,27 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
     """The one build path, for the node and for `python -m kb_tools build`."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
+    comfy_sampling.check_sampler(sampler_name)
     latent_channels = model.get_model_object("latent_format").latent_channels
+    neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
+    negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
     fp = Fingerprint(
         model_hash=comfy_sampling.model_hash(model), model_name=type(model.model.model_config).__name__,
         latent_shape=(latent_channels, height // 8, width // 8), sampler=sampler_name, scheduler=scheduler,
         steps=steps, cfg=float(cfg), stored_steps=stored, seed_mode=seed_mode, seed=int(seed),
-        negative_hash=text_hash(negative),
+        negative_hash=text_hash(negative), sampling=comfy_sampling.sampling_signature(model),
+        negative_cond=comfy_sampling.conditioning_signature(negative_cond),
     )
-    neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
-    negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
     phases = comfy_sampling.Phases(model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
 
     def run_batch(batch, seeds):
+        # every item gets the initial and per-step noise of a batch-of-one run with its seed
         cond = encode_batch(clip, batch)
         if cond is None:
             parts = [run_batch([p], [s]) for p, s in zip(batch, seeds)]
             return ({s: np.concatenate([p[0][s] for p in parts]) for s in stored}, {s: np.concatenate([p[1][s] for p in parts]) for s in stored})
         latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
-        return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds[0], stored)
+        return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds, stored)
 
     return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=progress,
                          check_interrupt=comfy_sampling.check_interrupt, dtype=dtype)

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 from ..kb_tools.errors import KBError
 from ..kb_tools.knowledge_base import KnowledgeBase
-from ..kb_tools.redi_loop import ReDiParams
+from ..kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, signatures_match
 from . import comfy_sampling
 
 KEY_SPACE_OPTIONS = ["auto", "latent", "denoised"]
-
-
-def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: int, cfg: float, sampler: str, scheduler: str | None) -> None:
+def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: int, cfg: float, sampler: str,
+                scheduler: str | None, negative=None) -> list[str]:
+    """Raise KBError listing every mismatch with its fix; returns notes for the report (fields an
+    older KB does not record)."""
     fp = kb.fingerprint
     if len(latent_shape) != 4:
         raise KBError(f"ReDi works on image latents (batch, channels, height, width); this latent has shape {list(latent_shape)}")
-    problems = []
+    comfy_sampling.check_sampler(sampler)
+    problems, notes = [], []
     if comfy_sampling.model_hash(model) != fp.model_hash:
         problems.append(f"model: KB {kb.name} was built with another model ({fp.model_name}, hash {fp.model_hash}) or other LoRA/patches; build a KB with this model")
+    sampling = comfy_sampling.sampling_signature(model)
+    if not fp.sampling and fp.sampler not in comfy_sampling.RECORDED_RIGHT_BEFORE_V2:
+        problems.append(f"KB {kb.name} was built by an earlier version of this pack, which recorded wrong {fp.sampler} trajectories "
+                        "(a stale or rescaled sampler state, or batch-dependent noise); rebuild it with this version")
+    elif not fp.sampling:
+        notes.append(f"KB {kb.name} predates the sampling fingerprint: model-sampling patches (zsnr, v-prediction, shift) are not checked; rebuild it to check them")
+    elif sampling != fp.sampling:
+        problems.append(
+            f"model sampling: the model's sampling differs from the KB's ({_diff(sampling, fp.sampling)}): a ModelSampling* patch "
+            "(zsnr, v_prediction, shift, ...) changes every trajectory; use the model exactly as it was when the KB was built, or build a KB with this patch"
+        )
+    if negative is not None:
+        if not fp.negative_cond:
+            notes.append(f"KB {kb.name} predates the negative-prompt fingerprint: the negative prompt is not checked; rebuild it to check it")
+        elif not signatures_match(comfy_sampling.conditioning_signature(negative), fp.negative_cond):
+            problems.append("negative: the negative conditioning differs from the KB's negative prompt; encode the KB's negative prompt "
+                            "(the KB Loader shows the KB's settings) or build a KB with this negative prompt")
     if tuple(latent_shape[1:]) != tuple(fp.latent_shape):
         c, h, w = fp.latent_shape
         problems.append(f"size: the latent is {list(latent_shape[1:])} but the KB holds {[c, h, w]} (a {w * 8}x{h * 8} image); use that width/height")
@@ -27,13 +46,23 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
         problems.append(f"scheduler: set to {scheduler!r}, the KB was built with {fp.scheduler!r}; use {fp.scheduler!r}")
     if problems:
         raise KBError("this sampling does not fit the knowledge base:\n- " + "\n- ".join(problems))
+    return notes
+
+
+def _diff(ours: str, theirs: str) -> str:
+    a, b = ours.split("; "), theirs.split("; ")
+    for x, y in zip(a, b):
+        if x != y:
+            return f"model has {x[:60]!r}, KB has {y[:60]!r}"
+    return f"model {ours[:60]!r}, KB {theirs[:60]!r}"
 
 
 def resolve_params(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int, key_space: str,
-                   max_key_distance: float, max_residual: float, seed: int, batch: int) -> ReDiParams:
+                   max_key_distance: float, max_residual: float, seed: int, batch: int,
+                   max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]) -> ReDiParams:
     if key_space == "auto":
         fp = kb.fingerprint
         key_space = "latent" if fp.seed_mode == "fixed" and seed == fp.seed and batch == 1 else "denoised"
-    params = ReDiParams(key_step, value_step, neighbours, key_space, max_key_distance, max_residual)
+    params = ReDiParams(key_step, value_step, neighbours, key_space, max_key_distance, max_residual, max_weight_deviation)
     params.validate(kb.fingerprint.steps, kb)
     return params

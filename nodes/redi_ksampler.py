@@ -8,7 +8,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..kb_tools.redi_loop import retrieve, summary_lines
+from ..kb_tools.redi_loop import GUARD_DEFAULTS, retrieve, summary_lines
 from . import comfy_sampling, kb_types, redi_compat
 
 
@@ -20,8 +20,12 @@ def redi_inputs() -> list:
         io.Int.Input("value_step", default=10, min=2, max=1000, tooltip="Step the blended neighbours jump to (v > k). Steps k..v are skipped: more skipping is faster and drifts further from the full result. Must be a stored step."),
         io.Int.Input("neighbours", default=1, min=1, max=64, tooltip="Neighbours H blended with least-squares weights. 1 rescales the nearest trajectory (the authors' setting)."),
         io.Combo.Input("key_space", options=redi_compat.KEY_SPACE_OPTIONS, default="auto", tooltip="latent: match noisy latents (the paper; needs the KB's seed). denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed). auto: latent when the seed is the KB's fixed seed, else denoised."),
-        io.Float.Input("max_key_distance", default=0.0, min=0.0, max=10.0, step=0.01, tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), sample in full instead. 0 turns the guard off."),
-        io.Float.Input("max_residual", default=0.0, min=0.0, max=10.0, step=0.01, tooltip="Quality guard: when the least-squares blend misses the query by more than this (relative), sample in full instead. 0 turns the guard off."),
+        io.Float.Input("max_key_distance", default=GUARD_DEFAULTS["max_key_distance"], min=0.0, max=10.0, step=0.01,
+                       tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), the item is sampled in full from the key step instead, and the report says so. The default is calibrated on the demo model (README); 0 turns this check off."),
+        io.Float.Input("max_residual", default=GUARD_DEFAULTS["max_residual"], min=0.0, max=10.0, step=0.01,
+                       tooltip="Quality guard: when the least-squares blend misses the query by more than this (relative, 0..1), the item is sampled in full from the key step. 0 (the default) turns this check off: on the demo model good new-seed retrievals reach 0.99, so it separates nothing there; useful with H > 1."),
+        io.Float.Input("max_weight_deviation", default=GUARD_DEFAULTS["max_weight_deviation"], min=0.0, max=100.0, step=0.01, optional=True,
+                       tooltip="Quality guard: when the blend weights sum further than this from 1 (with H=1: the nearest trajectory rescaled by far more or less than 1, a sign of a mismatched trajectory), the item is sampled in full from the key step. 0 turns this check off."),
     ]
 
 
@@ -67,13 +71,19 @@ class ReDiKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,
-                value_step, neighbours, key_space, max_key_distance, max_residual, content_positive=None) -> io.NodeOutput:
+                value_step, neighbours, key_space, max_key_distance, max_residual, content_positive=None,
+                max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        redi_compat.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler)
+        notes = redi_compat.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
         if latent_image.get("noise_mask") is not None or torch.count_nonzero(latent) > 0:
             raise ValueError("ReDi KSampler samples from pure noise (txt2img): connect an Empty Latent Image; for img2img use the stock KSampler")
-        params = redi_compat.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed, latent.shape[0])
+        params = redi_compat.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
+                                            latent.shape[0], max_weight_deviation)
         counter = NFECounter()
         counted = counter.attach(model)
         phases = comfy_sampling.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
@@ -83,9 +93,14 @@ class ReDiKSampler(io.ComfyNode):
         ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]))
         out = torch.zeros(latent.shape)
         for start, idx, src in ret.starts(state, params):
-            out[idx] = phases.finish(positive, src, start, seed).float().cpu()
-        full_calls = round(key_calls / params.key_step * steps)
-        lines = summary_lines(ret, params, steps) + [f"UNet calls: {counter.calls} (a full run makes about {full_calls})"]
+            out[idx] = phases.finish(positive, src, start, seed, rows=idx).float().cpu()
+        lines = summary_lines(ret, params, steps) + [nfe_line(counter.calls, key_calls, sampler_name, params.key_step)] + notes
         result = dict(latent_image)
         result["samples"] = out
         return io.NodeOutput(result, ui=kb_types.report(lines))
+
+
+def nfe_line(total: int, key_calls: int, sampler: str, k: int) -> str:
+    """The UNet calls this run really made (no estimate of a full run's count)."""
+    extra = "" if comfy_sampling.stop_step_for(sampler, k) is None else f", the whole schedule run to step {k} as the KB's trajectory"
+    return f"UNet calls: {total} (key phase {key_calls}{extra}; finish {total - key_calls})"

@@ -10,19 +10,22 @@ import torch
 from comfy_api.latest import io
 
 from ..kb_tools.errors import KBError
-from ..kb_tools.redi_loop import KeyState, ReDiParams, retrieve, summary_lines
+from ..kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
 from . import comfy_sampling, redi_compat
 from .redi_ksampler import redi_inputs
 
 
 class ReDiSamplerImpl(comfy.samplers.Sampler):
-    """Wraps a stock sampler: key phase on sigmas[:k+1], retrieval, finish on sigmas[v:]."""
+    """Wraps a stock sampler: key phase (sigmas[:k+1], or the whole schedule stopped at k for samplers
+    whose first steps depend on it), retrieval, finish on sigmas[v:]."""
 
-    def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, content=None):
+    def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, content=None,
+                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]):
         self.inner_name = sampler_name
         self.kb = kb
         self.content = content
         self.opts = (key_step, value_step, neighbours, key_space, max_key_distance, max_residual)
+        self.max_weight_deviation = max_weight_deviation
         self.last_report: list[str] = []
 
     def max_denoise(self, model_wrap, sigmas):
@@ -33,21 +36,22 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         fp = kb.fingerprint
         patcher = model_wrap.model_patcher
         steps = len(sigmas) - 1
-        redi_compat.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name, None)
-        expected = comfy_sampling.sigmas_for(patcher, fp.scheduler, fp.steps)
-        if not torch.allclose(sigmas.float().cpu(), expected.float(), rtol=1e-4, atol=1e-5):
-            raise KBError(f"the sigmas differ from the KB's schedule ({fp.scheduler}, {fp.steps} steps, denoise 1.0); feed ReDi from a scheduler node with those settings")
+        negative = model_wrap.original_conds.get("negative")
+        notes = redi_compat.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name, None, negative)
+        expected = comfy_sampling.ksampler_sigmas(patcher, fp.sampler, fp.scheduler, fp.steps)
+        if sigmas.shape != expected.shape or not torch.allclose(sigmas.float().cpu(), expected.float(), rtol=1e-4, atol=1e-5):
+            extra = (f" ({fp.sampler} in the stock KSampler drops the penultimate sigma of a {fp.steps + 1}-step schedule; "
+                     "use ReDi KSampler for this KB)") if fp.sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS else ""
+            raise KBError(f"the sigmas differ from the KB's schedule ({fp.scheduler}, {fp.steps} steps, denoise 1.0){extra}; "
+                          "feed ReDi from a scheduler node with those settings")
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
-        params = redi_compat.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0])
+        params = redi_compat.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
+                                            self.max_weight_deviation)
         k, v = params.key_step, params.value_step
-        inner = comfy.samplers.sampler_object(self.inner_name)
-        xs, ds = {}, {}
-
-        def key_cb(i, x0, x, _n):
-            xs[i], ds[i] = x.detach().float().cpu(), x0.detach().float().cpu()
-            if callback is not None:
-                callback(i, x0, x, steps)
+        stop = comfy_sampling.stop_step_for(self.inner_name, k)
+        plan = comfy_sampling.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
+        key = comfy_sampling.Capture(self.inner_name, stop_at=stop, noise=plan)
 
         saved_conds = model_wrap.conds
         if self.content is not None:
@@ -57,23 +61,25 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
             model_wrap.conds = comfy.samplers.process_conds(model_wrap.inner_model, noise, content, patcher.load_device,
                                                             latent_image, denoise_mask, extra_args.get("seed"))
         try:
-            x_k = inner.sample(model_wrap, sigmas[: k + 1], extra_args, key_cb, noise, latent_image, denoise_mask, disable_pbar)
+            x_k = key.sample(model_wrap, sigmas if stop else sigmas[: k + 1], dict(extra_args), callback, noise, latent_image,
+                             denoise_mask, disable_pbar)
         finally:
             model_wrap.conds = saved_conds
-        state = KeyState.after_key_phase(x_k.float().cpu().numpy(), xs[k - 1].numpy(), ds[k - 1].numpy(), sigmas[k - 1])
+        state = comfy_sampling.key_state(key, k, sigmas)
         ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]))
         out = x_k.clone()
-        for start, idx, start_latents in ret.starts(state, params):
-            src = torch.from_numpy(start_latents).to(x_k)
+        ms = model_wrap.inner_model.model_sampling
+        for start, idx, start_states in ret.starts(state, params):
+            src = comfy_sampling.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
+            finish = comfy_sampling.Capture(self.inner_name, offset=start, record=False, noise=plan, rows=idx)
 
             def finish_cb(i, x0, x, _n, start=start):
                 if callback is not None:
                     callback(i + start, x0, x, steps)
 
-            args = dict(extra_args)
-            out[idx] = inner.sample(model_wrap, sigmas[start:], args, finish_cb, torch.zeros_like(src), src,
-                                    None if denoise_mask is None else denoise_mask[idx], disable_pbar)
-        self.last_report = summary_lines(ret, params, steps)
+            out[idx] = finish.sample(model_wrap, sigmas[start:], dict(extra_args), finish_cb, torch.zeros_like(src), src,
+                                     None if denoise_mask is None else denoise_mask[idx], disable_pbar)
+        self.last_report = summary_lines(ret, params, steps) + notes
         logging.info("[ReDi Sampler] %s", "\n".join(self.last_report))
         return out
 
@@ -96,8 +102,13 @@ class ReDiSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name)
+
+    @classmethod
     def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
-                content_positive=None) -> io.NodeOutput:
-        ReDiParams(key_step, value_step, neighbours, "latent").validate(kb.fingerprint.steps, kb)
+                content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
+        comfy_sampling.check_sampler(sampler_name)
+        ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
         return io.NodeOutput(ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
-                                             max_residual, content_positive))
+                                             max_residual, content_positive, max_weight_deviation))

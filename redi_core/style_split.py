@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import regex
+
 MEDIA = (
     "watercolor", "watercolour", "oil painting", "acrylic painting", "pencil sketch", "pencil drawing", "charcoal drawing",
     "ink drawing", "sketch", "digital art", "digital painting", "concept art", "pixel art", "pixelated", "anime", "manga",
@@ -71,7 +73,7 @@ def _segments(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def _segment_style(seg: str, patterns: list[tuple[str, re.Pattern]]) -> str | None:
+def _segment_style(seg: str, patterns: list[tuple[str, UserPattern]]) -> str | None:
     """The name of the rule that makes a whole segment a style, or None."""
     m = _WEIGHTED.match(seg)
     inner = m.group("inner").strip() if m else seg
@@ -81,21 +83,37 @@ def _segment_style(seg: str, patterns: list[tuple[str, re.Pattern]]) -> str | No
     return None
 
 
-def compile_patterns(text: str) -> list[tuple[str, re.Pattern]]:
-    """User patterns, one regex per line; a line that is not a valid regex raises ValueError."""
-    pats = []
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if not line:
-            continue
+# a user regex may backtrack catastrophically ("(a+)+$"): each search gets this many seconds
+USER_PATTERN_TIMEOUT = 0.25
+
+
+class UserPattern:
+    """A user regex whose every search is bounded in time (the `regex` package's timeout), so a
+    pathological pattern is refused with a message instead of freezing the server."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
         try:
-            pats.append((f"user: {line}", re.compile(line, re.I)))
-        except re.error as e:
-            raise ValueError(f"style pattern {line!r} is not a valid regular expression ({e}); fix or remove it") from e
-    return pats
+            self.pattern = regex.compile(source, regex.I | regex.V0)
+        except (regex.error, ValueError, OverflowError) as e:
+            raise ValueError(f"style pattern {source!r} is not a valid regular expression ({e}); fix or remove it") from e
+
+    def search(self, text: str):
+        try:
+            return self.pattern.search(text, timeout=USER_PATTERN_TIMEOUT)
+        except TimeoutError as e:
+            raise ValueError(
+                f"style pattern {self.source!r} took more than {USER_PATTERN_TIMEOUT} s on {text[:60]!r} (nested repetition such as "
+                "'(a+)+' backtracks exponentially); simplify it, e.g. 'a+' instead of '(a+)+'"
+            ) from e
 
 
-def split_prompt(prompt: str, separator: str = "", patterns: list[tuple[str, re.Pattern]] | None = None) -> StyleSplit:
+def compile_patterns(text: str) -> list[tuple[str, UserPattern]]:
+    """User patterns, one regex per line; a line that is not a valid regex raises ValueError."""
+    return [(f"user: {line.strip()}", UserPattern(line.strip())) for line in (text or "").splitlines() if line.strip()]
+
+
+def split_prompt(prompt: str, separator: str = "", patterns: list[tuple[str, UserPattern]] | None = None) -> StyleSplit:
     """Split `prompt` into content and style. `separator` (e.g. "|") splits explicitly."""
     text = (prompt or "").replace("\n", " ").strip()
     patterns = patterns or []

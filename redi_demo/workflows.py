@@ -4,6 +4,7 @@ example_workflows/api/NAME.json (API format)."""
 
 from __future__ import annotations
 
+from kb_tools.redi_loop import GUARD_DEFAULTS
 from redi_demo import dataset
 
 CKPT = "redi_demo_shapes.safetensors"
@@ -46,7 +47,7 @@ def _builder(prompts: str) -> dict:
     }
 
 
-REDI_OPTS = {"key_step": 4, "value_step": 10, "neighbours": 1, "key_space": "auto", "max_key_distance": 0.0, "max_residual": 0.0}
+REDI_OPTS = {"key_step": 4, "value_step": 10, "neighbours": 1, "key_space": "auto", **GUARD_DEFAULTS}
 
 
 def demo_txt2img(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:

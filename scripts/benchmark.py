@@ -107,7 +107,7 @@ class Bench:
             ret = self.retrieve(kb, state, params, float(ph.sigmas[v]))
             out = torch.zeros(latent.shape)
             for start, idx, src in ret.starts(state, params):
-                out[idx] = ph.finish(cond, src, start, SEED).float().cpu()
+                out[idx] = ph.finish(cond, src, start, SEED, rows=idx).float().cpu()
             return out
 
         return run

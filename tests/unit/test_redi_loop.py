@@ -4,7 +4,7 @@ import pytest
 from kb_tools import builder
 from kb_tools.errors import KBError
 from kb_tools.knowledge_base import KnowledgeBase
-from kb_tools.redi_loop import KeyState, ReDiParams, retrieve, summary_lines
+from kb_tools.redi_loop import GUARD_DEFAULTS, KeyState, ReDiParams, retrieve, signatures_match, summary_lines
 
 from .kb_fixtures import SHAPE, fake_run_batch, fingerprint
 
@@ -30,7 +30,7 @@ def test_query_equal_to_a_key_returns_its_value(kb):
 
 
 def test_scaled_query_rescales_value(kb):
-    ret = retrieve(kb, state_from(kb, [5], scale=2.0), ReDiParams(2, 6, 1), sigma_v=1.0)
+    ret = retrieve(kb, state_from(kb, [5], scale=2.0), ReDiParams(2, 6, 1, max_weight_deviation=0.0), sigma_v=1.0)
     assert ret.reports[0].weights[0] == pytest.approx(2.0, rel=1e-5)
     np.testing.assert_allclose(ret.x_v[0], 2.0 * kb.values("latent", 6, [5])[0], atol=1e-4)
 
@@ -44,7 +44,7 @@ def test_denoised_space_renoises_with_query_noise(kb):
 def test_combination_of_neighbours(kb):
     keys = kb.keys("latent", 4)
     q = (0.7 * keys[2] + 0.3 * keys[8]).reshape(1, *SHAPE)
-    ret = retrieve(kb, KeyState(q, q, q), ReDiParams(4, 6, neighbours=10), sigma_v=1.0)
+    ret = retrieve(kb, KeyState(q, q, q), ReDiParams(4, 6, neighbours=10, max_key_distance=0.0), sigma_v=1.0)
     r = ret.reports[0]
     assert r.residual < 1e-5
     expected = 0.7 * kb.values("latent", 6, [2])[0] + 0.3 * kb.values("latent", 6, [8])[0]
@@ -55,7 +55,41 @@ def test_guard_falls_back(kb):
     far = KeyState(np.full((1, *SHAPE), 50.0, np.float32), np.zeros((1, *SHAPE), np.float32), np.zeros((1, *SHAPE), np.float32))
     ret = retrieve(kb, far, ReDiParams(2, 6, 1, max_key_distance=0.5), sigma_v=1.0)
     assert not ret.accepted[0] and "nearest key" in ret.reports[0].reason
-    assert any("full sampling" in ln for ln in summary_lines(ret, ReDiParams(2, 6, 1), 10))
+    lines = summary_lines(ret, ReDiParams(2, 6, 1), 10)
+    assert any("full sampling from step 2" in ln for ln in lines)
+    assert any("1 of 1 items sampled in full" in ln for ln in lines)
+
+
+def test_guard_is_on_by_default():
+    p = ReDiParams(2, 6)
+    assert p.max_key_distance == GUARD_DEFAULTS["max_key_distance"] > 0
+    assert p.max_residual == GUARD_DEFAULTS["max_residual"]  # off: it does not separate good from bad (README)
+    assert p.max_weight_deviation == GUARD_DEFAULTS["max_weight_deviation"] > 0
+
+
+def test_guard_rejects_a_rescaled_trajectory(kb):
+    # a key phase that reaches step k in another scale (the UniPC bug of issue 15: w = +5.36 with H=1)
+    ret = retrieve(kb, state_from(kb, [5], scale=5.36), ReDiParams(2, 6, 1, max_key_distance=0.0, max_residual=0.0), sigma_v=1.0)
+    assert not ret.accepted[0] and "sum to +5.360" in ret.reports[0].reason
+    off = retrieve(kb, state_from(kb, [5], scale=5.36), ReDiParams(2, 6, 1, "latent", 0, 0, 0), sigma_v=1.0)
+    assert off.accepted[0]
+    assert any("guard: OFF" in ln for ln in summary_lines(off, ReDiParams(2, 6, 1, "latent", 0, 0, 0), 10))
+
+
+def test_negative_guard_thresholds_refused(kb):
+    with pytest.raises(KBError, match="max_residual must be 0"):
+        retrieve(kb, state_from(kb, [0]), ReDiParams(2, 6, 1, max_residual=-1.0), sigma_v=1.0)
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("77x64:0.1000,0.2000;1.0000", "77x64:0.1000,0.2000;1.0000", True),
+    ("77x64:0.1000,0.2000;1.0000", "77x64:0.1010,0.2000;1.0005", True),
+    ("77x64:0.1000,0.2000;1.0000", "77x64:0.1300,0.2000;1.0000", False),
+    ("77x64:0.1000,0.2000;1.0000", "154x64:0.1000,0.2000;1.0000", False),
+    ("77x64:0.1000,0.2000;1.0000", "garbage", False),
+])
+def test_conditioning_signatures(a, b, same):
+    assert signatures_match(a, b) is same
 
 
 @pytest.mark.parametrize(

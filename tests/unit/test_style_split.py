@@ -1,4 +1,5 @@
 import re
+import time
 
 import pytest
 
@@ -93,3 +94,15 @@ def test_stray_punctuation_never_raises():
     for junk in ["(((", ")))", ",,,", ":::", "(:)", "((a:b:c))", "\\", "[style]", "{by}", "BREAK", "BREAK BREAK", "|"]:
         res = split_prompt(junk, "|")
         assert isinstance(res.content, str) and isinstance(res.style, str)
+
+
+@pytest.mark.parametrize("pattern", ["(a|aa)+$", "(a+)+$"])
+def test_catastrophic_user_pattern_is_bounded(pattern):
+    """A backtracking user regex ends within the timeout (issue 15: the server froze for 50 s)."""
+    t0 = time.perf_counter()
+    try:
+        res = split_prompt("a" * 40 + "!", "", compile_patterns(pattern))
+        assert res.content  # finished normally: the regex engine handled it
+    except ValueError as e:
+        assert "took more than" in str(e) and pattern in str(e)
+    assert time.perf_counter() - t0 < 15

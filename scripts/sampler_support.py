@@ -1,0 +1,208 @@
+"""Which stock samplers and schedulers ReDi supports, measured on the demo model in one process.
+
+    .venv/bin/python scripts/sampler_support.py [--samplers euler,uni_pc] [--schedulers normal,karras]
+                                                [--kb-size 16] [--queries 8] [--out out/sampler_support]
+
+For every pair of ComfyUI's KSampler.SAMPLERS x KSampler.SCHEDULERS (or the ones named): a KB of
+--kb-size prompts built by the pack's own builder (seed 1024), then --queries new prompts at the KB's
+seed (latent keys, as key_space auto picks for them) and at new seeds (denoised keys): the full run
+(each image as a batch of one would sample it) and ReDi (k=4, v=10, H=1, the guard at its defaults).
+Columns: mean PSNR of ReDi to the full run and the evaluator's attribute accuracy of both, per regime.
+
+Verdict: works = mean PSNR >= 20 dB and accuracy within 2 points of the full run's in both regimes;
+refused = the pack refuses the sampler (the message is shown); anything else FAILS (exit status 1:
+the pack must then refuse that sampler). "(guard n/m)" counts items the guard sampled in full.
+
+Each pair's result is cached in OUT/pairs/ (a re-run skips measured pairs); the table goes to
+docs/sampler_support.md and every item's guard statistics to OUT/guard_items.json (the guard's
+calibration, `--calibrate` prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from redi_demo import dataset, evaluator, host  # noqa: E402
+
+STEPS, CFG, SEED, K, V = 20, 6.0, 1024, 4, 10
+PSNR_MIN, ACC_POINTS = 20.0, 2.0
+
+
+def _slice_cond(cond, idx):
+    return [[c[0][idx], {k: (v[idx] if torch.is_tensor(v) else v) for k, v in c[1].items()}] for c in cond]
+
+
+class Support:
+    def __init__(self, out: Path, kb_size: int, queries: int) -> None:
+        host.load_pack()
+        self.cs = importlib.import_module("redi_accelerate.nodes.comfy_sampling")
+        self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
+        from kb_tools.errors import KBError
+        from kb_tools.knowledge_base import KnowledgeBase
+        from kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve
+
+        self.KBError, self.KnowledgeBase, self.ReDiParams, self.retrieve = KBError, KnowledgeBase, ReDiParams, retrieve
+        self.guard = GUARD_DEFAULTS
+        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
+        self.net = evaluator.load()
+        self.out = out
+        self.kb_prompts = [s.prompt() for s in dataset.random_samples(kb_size, 12345, styles=("plain",))]
+        self.samples = dataset.random_samples(queries, 999, styles=("plain",))
+        self.cond = self.kb_nodes.encode_batch(self.clip, [s.prompt() for s in self.samples])
+        neg = self.clip.encode_from_tokens(self.clip.tokenize(""), return_pooled=True)
+        self.negative = [[neg[0], {"pooled_output": neg[1]}]]
+
+    @torch.no_grad()
+    def _decode(self, latent: torch.Tensor) -> np.ndarray:
+        return (self.vae.decode(latent).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def pair(self, sampler: str, scheduler: str) -> dict:
+        t0 = time.perf_counter()
+        row = {"sampler": sampler, "scheduler": scheduler}
+        try:
+            self.cs.check_sampler(sampler)
+        except self.KBError as e:
+            return {**row, "verdict": "refused", "message": str(e), "seconds": 0.0}
+        path = self.out / "kb" / f"{sampler}__{scheduler}"
+        shutil.rmtree(path, ignore_errors=True)
+        self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, CFG, 64, 64,
+                               len(self.kb_prompts), "fixed", SEED, (K, V))
+        kb = self.KnowledgeBase.load(path, check_hash=False)
+        shutil.rmtree(path, ignore_errors=True)
+        ph = self.cs.Phases(self.model, STEPS, CFG, sampler, scheduler, self.negative, preview=False)
+        n = len(self.samples)
+        latent = torch.zeros((n, 4, 8, 8))
+        items = []
+        for regime, space in (("same", "latent"), ("new", "denoised")):
+            seeds = [SEED] * n if regime == "same" else [5000 + i for i in range(n)]
+            noise = self.cs.noise_for(latent, seeds)
+            full = self._decode(ph.full(self.cond, latent, noise, seeds[0], item_seeds=seeds).float().cpu())
+            state = ph.key_phase(self.cond, latent, noise, seeds[0], K, item_seeds=seeds)
+            sigma_v = float(ph.sigmas[V])
+            off = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, 0.0, 0.0, 0.0), sigma_v)
+            on = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, **self.guard), sigma_v)
+            all_idx = np.arange(n)
+            redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0]).float().cpu())
+            redi_on = redi_off.copy()
+            rej = np.flatnonzero(~on.accepted)
+            if len(rej):
+                lat = ph.finish(_slice_cond(self.cond, rej), state.x[rej], K, seeds[0], rows=rej)
+                redi_on[rej] = self._decode(lat.float().cpu())
+            p_off, p_on = evaluator.psnr(redi_off, full), evaluator.psnr(redi_on, full)
+            acc = {name: float(np.mean(list(evaluator.accuracy(self.net, imgs, self.samples).values())))
+                   for name, imgs in (("full", full), ("redi", redi_on), ("redi_off", redi_off))}
+            for b in all_idx:
+                r = off.reports[b]
+                items.append({"sampler": sampler, "scheduler": scheduler, "regime": regime, "distance": r.distances[0],
+                              "residual": r.residual, "weight_dev": abs(float(np.sum(r.weights)) - 1.0),
+                              "psnr": float(p_off[b]), "accepted": bool(on.accepted[b])})
+            row[regime] = {"psnr": float(np.mean(p_on)), "psnr_guard_off": float(np.mean(p_off)), "acc_full": acc["full"],
+                           "acc_redi": acc["redi"], "acc_redi_guard_off": acc["redi_off"], "rejected": len(rej), "n": n}
+        ok = all(row[r]["psnr"] >= PSNR_MIN and abs(row[r]["acc_redi"] - row[r]["acc_full"]) * 100 <= ACC_POINTS for r in ("same", "new"))
+        row.update(verdict="works" if ok else "FAILS", items=items, seconds=time.perf_counter() - t0)
+        return row
+
+
+def cell(row: dict, regime: str) -> str:
+    r = row[regime]
+    guard = f" (guard {r['rejected']}/{r['n']})" if r["rejected"] else ""
+    return f"{r['psnr']:.1f} dB, {100 * r['acc_redi']:.0f} vs {100 * r['acc_full']:.0f}{guard}"
+
+
+def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
+    by = {(r["sampler"], r["scheduler"]): r for r in rows}
+    lines = ["| sampler | scheduler | verdict | KB's seed: PSNR, acc ReDi vs full | new seeds: PSNR, acc ReDi vs full |", "|---|---|---|---|---|"]
+    for s in samplers:
+        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused"), None)
+        if refused:
+            lines.append(f"| {s} | all | refused | {refused['message'].split(';')[0]} | |")
+            continue
+        for sch in schedulers:
+            r = by.get((s, sch))
+            if r is None:
+                lines.append(f"| {s} | {sch} | not measured | | |")
+            else:
+                lines.append(f"| {s} | {sch} | {r['verdict']} | {cell(r, 'same')} | {cell(r, 'new')} |")
+    return "\n".join(lines)
+
+
+def calibration(items: list[dict]) -> str:
+    """Quantiles of each guard statistic for good (PSNR >= 20 dB) and bad items, guard off."""
+    good = [i for i in items if i["psnr"] >= PSNR_MIN]
+    bad = [i for i in items if i["psnr"] < PSNR_MIN]
+    lines = [f"{len(good)} good items (ReDi >= {PSNR_MIN:g} dB to the full run, guard off), {len(bad)} bad", "",
+             "| statistic | items | min | 10% | 50% | 90% | max |", "|---|---|---|---|---|---|---|"]
+    for stat in ("distance", "residual", "weight_dev"):
+        for name, group in (("good", good), ("bad", bad)):
+            if group:
+                v = np.array([i[stat] for i in group])
+                q = np.quantile(v, [0, 0.1, 0.5, 0.9, 1.0])
+                lines.append(f"| {stat} | {name} ({len(v)}) | " + " | ".join(f"{x:.3f}" for x in q) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samplers", default="")
+    ap.add_argument("--schedulers", default="")
+    ap.add_argument("--kb-size", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "out" / "sampler_support"))
+    ap.add_argument("--table", default=str(ROOT / "docs" / "sampler_support.md"))
+    ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    sup = Support(out, args.kb_size, args.queries)
+    import comfy.samplers as cs
+
+    all_samplers, all_schedulers = list(cs.KSampler.SAMPLERS), list(cs.KSampler.SCHEDULERS)
+    samplers = [s for s in args.samplers.split(",") if s] or all_samplers
+    schedulers = [s for s in args.schedulers.split(",") if s] or all_schedulers
+    for s in samplers:
+        for sch in schedulers:
+            f = out / "pairs" / f"{s}__{sch}.json"
+            if f.is_file():
+                continue
+            row = sup.pair(s, sch)
+            f.write_text(json.dumps(row))
+            if row["verdict"] == "refused":
+                print(f"{s:28s} refused: {row['message'][:90]}", flush=True)
+                break
+            print(f"{s:28s} {sch:16s} {row['verdict']:6s} same {cell(row, 'same'):34s} new {cell(row, 'new'):34s} "
+                  f"({row['seconds']:.0f}s)", flush=True)
+    rows = [json.loads(f.read_text()) for f in sorted((out / "pairs").glob("*.json"))]
+    items = [i for r in rows for i in r.get("items", [])]
+    (out / "guard_items.json").write_text(json.dumps(items))
+    head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
+            f"demo model, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
+            f"cfg {CFG:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
+    md = head + "\n\n" + table(rows, all_samplers, all_schedulers) + "\n\nGuard statistics (guard off):\n\n" + calibration(items) + "\n"
+    Path(args.table).write_text(md)
+    print(f"\nwrote {args.table}")
+    if args.calibrate:
+        print(calibration(items))
+    failing = [f"{r['sampler']}/{r['scheduler']}" for r in rows if r["verdict"] == "FAILS"]
+    if failing:
+        print("FAILS (the pack must refuse these):", ", ".join(failing))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
