@@ -9,7 +9,16 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from comfy_api.latest import io
 
-from ..redi_core.frdiff import CachedDiTBlock, CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, step_index
+from ..redi_core.frdiff import (
+    SCHEDULES,
+    CachedDiTBlock,
+    CachedFirstConv,
+    CachedTransformer,
+    FRDiffConfig,
+    FRDiffState,
+    step_index,
+    unwrap,
+)
 
 WRAPPER_KEY = "redi_frdiff"
 PARTS = ("input", "middle", "output")
@@ -24,12 +33,15 @@ def _parts(text: str) -> set[str]:
 
 
 def find_blocks(diffusion_model, kinds: str, parts: set[str]) -> list[tuple[str, str, object]]:
-    """(kind, path, module) of every reusable block of a UNet."""
+    """(kind, path, module) of every reusable block of a UNet. A block that a FeatureReuse
+    patch stands in for (on this model or on another patcher of the same weights that is
+    loaded now) counts as the block it wraps."""
     out = []
     for path, mod in diffusion_model.named_modules():
         part = path.split("_", 1)[0]
         if part not in parts:
             continue
+        mod = unwrap(mod)
         if isinstance(mod, ResBlock) and kinds in ("all", "resblocks") and not mod.updown:
             out.append(("resblock", path, mod))
         elif isinstance(mod, SpatialTransformer) and kinds in ("all", "transformers"):
@@ -64,6 +76,14 @@ class _Wrappers:
         self.model_sampling = model_sampling
 
     def outer_sample(self, executor, *args, **kwargs):
+        guider = getattr(executor, "class_obj", None)
+        if "easycache" in getattr(guider, "model_options", {}).get("transformer_options", {}):
+            raise ValueError(
+                "FeatureReuse and EasyCache/LazyCache are both on this model: each skips UNet work from its own cache and "
+                "judges its skips by outputs the other has already approximated, so their errors compound (on the demo "
+                "model the stack drifts 2-2.5x further from the full run than either alone). Keep one of them: remove the "
+                "EasyCache/LazyCache node or the ReDi FeatureReuse node."
+            )
         self.state.reset()
         try:
             return executor(*args, **kwargs)
@@ -88,8 +108,8 @@ class _Wrappers:
             step = step_index(opts.get("sample_sigmas"), float(sigma))
             r = 1.0 - float(self.model_sampling.timestep(sigma)) / max(self.t_max, 1e-8)
         key = (tuple(opts.get("cond_or_uncond", ())), tuple(x.shape), x.dtype, x.device)
-        if self.state.begin_call(step, r, key) == "jump":
-            return self.state.scores[key].clone()
+        if self.state.begin_call(step, r, key, x) == "jump":
+            return self.state.keyframe_score().clone()
         out = executor(x, timesteps, *args, **kwargs)
         return self.state.end_call(out)
 
@@ -113,18 +133,28 @@ class ReDiFeatureReuse(io.ComfyNode):
                 io.String.Input("parts", default="input,middle,output", tooltip="UNet parts whose blocks reuse features (comma-separated subset of input, middle, output; for a DiT: the first, middle and last third of its blocks). Fewer parts: closer to the full result, less speed-up."),
                 io.Boolean.Input("score_mixing", default=True, tooltip="Mix each reuse step's score with the last keyframe's by lambda(t). Early steps then skip the network entirely (faster, keeps the layout); late steps use reuse (keeps detail). Off: pure feature reuse."),
                 io.Float.Input("mix_bias", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Progress where lambda(t) switches from the keyframe score to the reuse score. Higher: more steps skip the network (faster, softer detail)."),
+                io.Int.Input("order", default=0, min=0, max=2, optional=True, tooltip="How reuse steps get their features: 0 copies the last keyframe's (FRDiff); 1 and 2 extrapolate each cached feature (and the mixed keyframe score) from the last 2 or 3 keyframes by finite differences (TaylorSeer). Same speed; needs a little more memory."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="fixed", optional=True, tooltip="Which steps are keyframes. fixed: every interval-th step. ramp: dense at the first, high-noise steps, the gap growing to interval at end_percent. adaptive: a keyframe when the model's input has moved more than threshold since the last one (EasyCache's estimate), and at least every interval steps."),
+                io.Float.Input("threshold", default=0.15, min=0.0, max=2.0, step=0.01, optional=True, tooltip="adaptive schedule only: the predicted relative change of the model output that forces a keyframe. Lower: more keyframes (slower, closer to the full run)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model (the input model is not changed).")],
         )
 
     @classmethod
-    def execute(cls, model, interval, start_percent, end_percent, blocks, parts, score_mixing, mix_bias) -> io.NodeOutput:
+    def execute(cls, model, interval, start_percent, end_percent, blocks, parts, score_mixing, mix_bias,
+                order=0, schedule="fixed", threshold=0.15) -> io.NodeOutput:
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
         part_set = _parts(parts)
-        config = FRDiffConfig(interval, start_percent, end_percent, score_mixing, mix_bias)
+        config = FRDiffConfig(interval, start_percent, end_percent, score_mixing, mix_bias,
+                              order=int(order), schedule=schedule, threshold=float(threshold))
         if config.neutral:
             return io.NodeOutput(model)
+        if "easycache" in model.model_options.get("transformer_options", {}):
+            raise ValueError("this model already has EasyCache/LazyCache: FeatureReuse and EasyCache both skip UNet work and "
+                             "their errors compound; use one of them (remove the EasyCache node or this one)")
         diffusion_model = model.get_model_object("diffusion_model")
         found = find_blocks(diffusion_model, blocks, part_set)
         dit = find_dit_blocks(diffusion_model, blocks, part_set)
@@ -134,17 +164,23 @@ class ReDiFeatureReuse(io.ComfyNode):
                 "it supports UNet models (SD1.x, SD2.x, SDXL: any block kind) and Flux/SD3 DiTs (blocks 'all' or 'transformers')"
             )
         m = model.clone()
+        for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL):
+            m.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)  # a FeatureReuse on a FeatureReuse model replaces it
         state = FRDiffState(config)
-        for kind, path, mod in found:
+        for kind, path, _ in found:
+            # the original module, never another FeatureReuse's stand-in: a model patcher of the same
+            # weights may be loaded with its object patches applied while this node runs
             if kind == "resblock":
-                m.add_object_patch(f"diffusion_model.{path}.in_layers", CachedFirstConv(mod.in_layers, state, path))
+                name = f"diffusion_model.{path}.in_layers"
+                m.add_object_patch(name, CachedFirstConv(unwrap(m.get_model_object(name)), state, path))
             else:
-                m.add_object_patch(f"diffusion_model.{path}", CachedTransformer(mod, state, path))
+                name = f"diffusion_model.{path}"
+                m.add_object_patch(name, CachedTransformer(unwrap(m.get_model_object(name)), state, path))
         if found:
             m.set_model_forward_timestep_embed_patch((CachedTransformer, _transformer_handler))
         earlier = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         for name, index in dit:
-            m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", earlier.get((name, index))), "dit", name, index)
+            m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", unwrap(earlier.get((name, index)))), "dit", name, index)
         wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)

@@ -195,3 +195,21 @@ def test_img2img_denoise_below_one(env):
     full, fast = run(model), run(patch(model))
     assert torch.isfinite(fast).all() and fast.shape == full.shape
     assert (fast - full).abs().mean() < full.abs().mean()
+
+
+def test_patching_beside_a_loaded_feature_reuse_model(env):
+    """A FeatureReuse built while another one's patches are applied to the shared weights wraps
+    the original blocks, and a FeatureReuse on a FeatureReuse model replaces it."""
+    import comfy.patcher_extension
+
+    fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
+    model, run, patch, _ = env
+    first = patch(model)
+    run(first)  # its object patches stay applied while the model stays loaded
+    transformers_only = patch(model, blocks="transformers", mixing=False)  # saw no transformers before the fix
+    out = run(transformers_only)
+    assert _state(transformers_only).skipped and set(_state(transformers_only).skipped) == {"transformer"}
+    assert torch.equal(out, run(patch(model, blocks="transformers", mixing=False)))
+    again = patch(first, interval=3)
+    assert len(again.wrappers[comfy.patcher_extension.WrappersMP.OUTER_SAMPLE][fr.WRAPPER_KEY]) == 1
+    assert torch.equal(run(again), run(patch(model, interval=3)))

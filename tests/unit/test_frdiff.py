@@ -7,9 +7,13 @@ from redi_core.frdiff import (
     CachedTransformer,
     FRDiffConfig,
     FRDiffState,
+    extrapolation_weights,
+    forecast,
     keyframe_schedule,
     mix_lambda,
+    ramp_gap,
     step_index,
+    unwrap,
 )
 
 
@@ -147,3 +151,111 @@ def test_dit_block_runs_an_earlier_replacement_at_keyframes():
     out = block({"img": torch.zeros(1, 2)}, {"original_block": lambda a: {"img": a["img"] * 2}})
     torch.testing.assert_close(out["img"], torch.full((1, 2), 10.0))
     assert seen == [1]
+
+
+def test_extrapolation_weights_are_lagrange():
+    assert extrapolation_weights([0.3], 0.9) == [1.0]
+    assert extrapolation_weights([0.0, 1.0], 2.0) == pytest.approx([-1.0, 2.0])
+    assert extrapolation_weights([0.0, 1.0, 2.0], 3.0) == pytest.approx([1.0, -3.0, 3.0])
+    assert sum(extrapolation_weights([0.1, 0.25, 0.4], 0.47)) == pytest.approx(1.0)
+
+
+def test_forecast_is_exact_on_polynomials_of_its_order():
+    a, b, c = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+
+    def f(r, quad=True):
+        return a + b * r + (c * r * r if quad else 0)
+
+    lin = [(r, f(r, quad=False)) for r in (0.1, 0.3)]
+    torch.testing.assert_close(forecast(lin, 0.45), f(0.45, quad=False))
+    quad = [(r, f(r)) for r in (0.1, 0.3, 0.5)]
+    torch.testing.assert_close(forecast(quad, 0.6), f(0.6))
+    before = [v.clone() for _, v in quad]
+    forecast(quad, 0.7)
+    assert all(torch.equal(v, w) for (_, v), w in zip(quad, before))  # the history is not changed
+    dicts = [(r, {"img": f(r), "txt": -f(r)}) for r in (0.1, 0.3, 0.5)]
+    out = forecast(dicts, 0.6)
+    torch.testing.assert_close(out["img"], f(0.6))
+    torch.testing.assert_close(out["txt"], -f(0.6))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_reuse_forecasts_block_features_of_the_given_order(order):
+    """A block whose output moves linearly with the step: order >= 1 predicts the skipped
+    steps exactly, order 0 returns the last keyframe's output."""
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=False, order=order))
+    w = torch.randn(3)
+    block = CachedFirstConv(torch.nn.Identity(), state, "a")
+    for step in range(8):
+        r = step / 8
+        state.begin_call(step, r, ("c",))
+        out = block(w * step)
+        state.end_call(out)
+        if step % 2 == 0:
+            torch.testing.assert_close(out, w * step)
+        elif order == 0 or step == 1:  # step 1: only one keyframe seen, nothing to extrapolate from
+            torch.testing.assert_close(out, w * (step - 1))
+        else:
+            torch.testing.assert_close(out, w * step)
+    assert state.slot_skips == {"a": 4}
+    assert all(len(h) <= order + 1 for h in state.blocks.values())
+
+
+def test_jump_score_is_forecast_with_order():
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=True, order=1))
+    for step, r in ((0, 0.0), (2, 0.1)):
+        state.begin_call(step, r, ("c",))
+        state.end_call(torch.full((1, 2), 10.0 * r))
+    assert state.begin_call(3, 0.15, ("c",)) == "jump"
+    torch.testing.assert_close(state.keyframe_score(), torch.full((1, 2), 1.5))
+
+
+def test_ramp_schedule_is_dense_early():
+    assert ramp_gap(0.0, 4, 0.0, 1.0) == 1 and ramp_gap(1.0, 4, 0.0, 1.0) == 4 and ramp_gap(0.5, 4, 0.0, 1.0) == 3
+    flags = keyframe_schedule(20, 4, schedule="ramp")
+    gaps = [j - i for i, j in zip([i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if f][1:])]
+    assert flags[:3] == [True, True, True] and gaps == sorted(gaps) and max(gaps) <= 4
+    # the state follows the same schedule
+    state = FRDiffState(FRDiffConfig(interval=4, score_mixing=False, schedule="ramp"))
+    got = []
+    for i in range(20):
+        got.append(state.begin_call(i, i / 20, ("c",)) == "key")
+        state.end_call(torch.zeros(1))
+    assert got == flags
+
+
+def test_adaptive_schedule_follows_the_input_change():
+    """Keyframes where the predicted output change (input change x the output/input rate
+    measured between the last two keyframes) passes the threshold, and at least every
+    `interval` steps."""
+
+    def run(xs, threshold, interval=10):
+        state = FRDiffState(FRDiffConfig(interval=interval, score_mixing=False, schedule="adaptive", threshold=threshold))
+        keys = []
+        for i, x in enumerate(xs):
+            keys.append(state.begin_call(i, i / len(xs), ("c",), x) == "key")
+            state.end_call(x * 2)  # output = 2 x: the rate is 2
+        return keys
+
+    slow = [torch.full((1, 4), 1.0 + 0.01 * i) for i in range(8)]
+    assert run(slow, 0.025) == [True, True, False, False, True, False, False, True]
+    assert all(run(slow, 0.0))  # threshold 0: every step is a keyframe
+    assert run(slow, 10.0, interval=3) == [True, True, False, False, True, False, False, True]  # the max-run bound
+
+
+def test_state_reset_forgets_the_schedule():
+    state = FRDiffState(FRDiffConfig(interval=3, score_mixing=False, schedule="ramp"))
+    state.begin_call(5, 0.5, ("c",))
+    state.end_call(torch.zeros(1))
+    state.reset()
+    assert state.decided is None and state.last_key_step is None and not state.slot_skips
+
+
+def test_unwrap_finds_the_original_module():
+    state = FRDiffState(FRDiffConfig())
+    inner = torch.nn.Linear(2, 2)
+    assert unwrap(CachedFirstConv(CachedFirstConv(inner, state, "a"), state, "a")) is inner
+    assert unwrap(CachedTransformer(inner, state, "b")) is inner and unwrap(inner) is inner
+    fn = object()
+    assert unwrap(CachedDiTBlock(state, "s", CachedDiTBlock(state, "s", fn))) is fn
+    assert unwrap(CachedDiTBlock(state, "s")) is None

@@ -1,0 +1,392 @@
+"""FeatureReuse against fewer steps and EasyCache, on a compute-honest footing.
+
+    .venv/bin/python scripts/benchmark_feature_reuse.py [--queries 100] [--batch 50] [--kb-size 300] [--out out/bench_fr]
+
+Every setting runs the same queries on the demo model (euler, 20 steps, cfg 6, the KB's fixed
+seed) and gets, in one table (OUT/results.md, OUT/results.json) and one plot
+(OUT/pareto.png, quality against the SD1.5-size cost):
+  - compute: the fraction of the full run's UNet FLOPs actually executed, counted during the
+    run (network calls that reached the UNet, and FeatureReuse's own per-block reuse counts),
+    each block weighted by its FLOPs from torch's FlopCounterMode; for the demo UNet and for
+    an SD1.5-size UNet;
+  - demo cost: the process CPU time of the run over the full run's (one torch thread, so the
+    figure holds on a shared machine), and the wall-time ratio beside it;
+  - SD1.5 cost: an SD1.5-size UNet (random weights, 256x256 by default) is timed per call kind
+    (full call; FeatureReuse keyframe, reuse and jump calls of each order; the sampler's
+    per-step overhead), and each setting's cost is its call counts from the demo run times
+    those measured per-call times, over 20 full calls. (A 20-step run per setting at that size
+    does not fit this machine's budget; the per-call times are measured on the real patch.)
+  - quality: evaluator accuracy, Frechet distance in the evaluator's feature space against
+    real dataset images, PSNR to the full run of the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark as B  # noqa: E402
+
+from redi_demo.train import init_weights  # noqa: E402
+
+STEPS = B.STEPS
+FULL = f"full {STEPS} steps"  # the row benchmark.Bench.record takes as the reference
+PARTS = "input,middle,output"
+
+
+# --- settings ------------------------------------------------------------------------------
+def fr_settings() -> list[dict]:
+    """FeatureReuse settings: (interval, schedule, order, mixing, start, threshold)."""
+    out = []
+    for interval, schedule, order, mixing, start, thr in [
+        (2, "fixed", 0, False, 0.0, 0.0), (2, "fixed", 0, True, 0.0, 0.0), (3, "fixed", 0, False, 0.0, 0.0), (3, "fixed", 0, True, 0.0, 0.0),
+        (2, "fixed", 1, False, 0.0, 0.0), (3, "fixed", 1, False, 0.0, 0.0), (3, "fixed", 2, False, 0.0, 0.0), (3, "fixed", 1, True, 0.0, 0.0),
+        (4, "fixed", 1, False, 0.0, 0.0), (4, "fixed", 2, False, 0.0, 0.0), (3, "fixed", 1, False, 0.2, 0.0),
+        (4, "ramp", 0, False, 0.0, 0.0), (3, "ramp", 1, False, 0.0, 0.0), (4, "ramp", 1, False, 0.0, 0.0), (5, "ramp", 1, False, 0.0, 0.0),
+        (4, "adaptive", 1, False, 0.0, 0.1), (4, "adaptive", 1, False, 0.0, 0.2),
+    ]:
+        name = f"FR {schedule} i{interval} o{order}" + (" mix" if mixing else "") + (f" start {start}" if start else "") + (f" thr {thr}" if schedule == "adaptive" else "")
+        out.append({"name": name, "interval": interval, "schedule": schedule, "order": order, "mixing": mixing, "start": start, "threshold": thr})
+    return out
+
+
+def patch_fr(fr, model, s: dict):
+    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", PARTS, s["mixing"], 0.5,
+                                       s["order"], s["schedule"], s["threshold"] or 0.15).result[0]
+
+
+def fr_state(patched):
+    import comfy.patcher_extension
+
+    key = importlib.import_module("redi_accelerate.nodes.feature_reuse").WRAPPER_KEY
+    return patched.wrappers[comfy.patcher_extension.WrappersMP.OUTER_SAMPLE][key][0].__self__.state
+
+
+# --- counting what ran ---------------------------------------------------------------------
+class Accounting:
+    """Innermost wrappers: network calls that reached the UNet, and FeatureReuse's counts per run."""
+
+    def __init__(self, state=None) -> None:
+        self.state, self.net_calls, self.kinds, self.slot_skips, self.runs = state, 0, Counter(), Counter(), 0
+
+    def attach(self, model):
+        import comfy.patcher_extension as pe
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "bench_accounting", self.outer)
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_accounting", self.dm)
+        return m
+
+    def outer(self, executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.runs += 1
+            if self.state is not None:
+                self.kinds.update(self.state.calls)
+                self.slot_skips.update(self.state.slot_skips)
+
+    def dm(self, executor, *args, **kwargs):
+        self.net_calls += 1
+        return executor(*args, **kwargs)
+
+
+def block_flops(diffusion_model, x: torch.Tensor, context: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """FLOPs of one UNet call and of each module (by path), from torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        diffusion_model(x, torch.full((x.shape[0],), 500.0), context=context, transformer_options={})
+    counts = {k: float(sum(v.values())) for k, v in fc.get_flop_counts().items()}
+    root = type(diffusion_model).__name__
+    return counts[root], {k[len(root) + 1 :]: v for k, v in counts.items() if k.startswith(root + ".")}
+
+
+def slot_flops(per_module: dict[str, float], slot: str) -> float:
+    # a ResBlock slot reuses its in_layers; a transformer slot the whole spatial transformer
+    return per_module.get(f"{slot}.in_layers", per_module.get(slot, 0.0))
+
+
+# --- the SD1.5-size UNet -------------------------------------------------------------------
+def sd15_patcher():
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SD15({
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+        "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    })
+    torch.manual_seed(0)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+
+
+class CallTimer:
+    """Outermost DIFFUSION_MODEL wrapper: CPU and wall time of each call, with FeatureReuse's mode."""
+
+    def __init__(self, state=None) -> None:
+        self.state, self.calls = state, []
+
+    def __call__(self, executor, *args, **kwargs):
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = executor(*args, **kwargs)
+        self.calls.append((self.state.mode if self.state else "full", time.process_time() - c0, time.perf_counter() - w0))
+        return out
+
+
+def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: dict | None = None) -> dict:
+    """Per-call CPU seconds on the SD1.5-size UNet: a full call, the sampler's per-step
+    overhead, and FeatureReuse's keyframe / reuse / jump calls for orders 0, 1, 2."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    patcher = sd15_patcher()
+    ctx = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)) * 0.1, {}]]
+    lat = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(lat, 0)
+
+    def timed(model, steps, state=None):
+        timer = CallTimer(state)
+        m = model.clone()
+        # outermost: FeatureReuse's own wrapper (mixing, forecasting of the score) is inside the timing
+        m.wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {})
+        m.wrappers[pe.WrappersMP.DIFFUSION_MODEL] = {"bench_timer": [timer], **m.wrappers[pe.WrappersMP.DIFFUSION_MODEL]}
+        c0 = time.process_time()
+        comfy.sample.sample(m, noise, steps, B.CFG, "euler", "normal", ctx, ctx, lat, disable_pbar=True)
+        return timer.calls, time.process_time() - c0
+
+    if known:  # a partial earlier measurement (the same size): add the missing orders
+        out, jump = known, known["jump"]
+    else:
+        timed(patcher, 1)  # warm-up
+        calls, total = timed(patcher, 2)
+        full = float(np.median([c for _, c, _ in calls]))
+        out = {"size": size, "full": full, "overhead_per_step": max(0.0, (total - sum(c for _, c, _ in calls)) / 2), "orders": {}}
+        print(f"SD1.5-size {size}x{size}: full call {full:.2f}s CPU, sampler overhead {out['overhead_per_step']:.3f}s per step", flush=True)
+        # mixing switching late: every step off the keyframe grid is a jump (no network call; a copy or a forecast)
+        m = fr.ReDiFeatureReuse.execute(patcher, 2, 0.0, 1.0, "all", PARTS, True, 0.95, 0, "fixed", 0.15).result[0]
+        jump = [c for kind, c, _ in timed(m, 4, fr_state(m))[0] if kind == "jump"][-1]  # normal, 4 steps: key, jump, key, jump
+        out["jump"] = jump
+    for order in orders:
+        # interval 2: key, reuse, key, reuse, ...; the last reuse forecasts from `order` + 1 keyframes
+        m = fr.ReDiFeatureReuse.execute(patcher, 2, 0.0, 1.0, "all", PARTS, False, 0.5, order, "fixed", 0.15).result[0]
+        calls, _ = timed(m, 2 + 2 * order, fr_state(m))
+        by = {k: [c for kind, c, _ in calls if kind == k] for k in ("key", "reuse")}
+        out["orders"][order] = {"key": float(np.median(by["key"])), "reuse": by["reuse"][-1], "jump": jump}
+        print(f"  FR order {order}: key {out['orders'][order]['key']:.2f}s, reuse {out['orders'][order]['reuse']:.2f}s, "
+              f"jump {out['orders'][order]['jump']:.4f}s", flush=True)
+    return out
+
+
+def sd15_cost(row: dict, t: dict, per_run: float) -> float:
+    """The setting's SD1.5-size CPU time over the full 20-step run's, from its call counts."""
+    full = STEPS * (t["full"] + t["overhead_per_step"])
+    steps = row["steps_per_run"]
+    if row.get("fr_kinds"):
+        k = {n: v / per_run for n, v in row["fr_kinds"].items()}
+        o = t["orders"][row.get("order", 0)]
+        cost = k.get("key", 0) * o["key"] + k.get("reuse", 0) * o["reuse"] + k.get("jump", 0) * o["jump"]
+    else:
+        net = row["net_calls"] / per_run
+        cost = net * t["full"] + (row["nfe"] / per_run - net) * t["orders"][0]["jump"]  # EasyCache skips cost ~ a jump
+    return (cost + steps * t["overhead_per_step"]) / full
+
+
+def sd15_flops_fraction(row: dict, flops: tuple[float, dict], slots: list[str], per_run: float) -> float:
+    """The same counts weighted by the SD1.5-size UNet's FLOPs (every reuse call reuses all its slots)."""
+    total, per_module = flops
+    if row.get("fr_kinds"):
+        k = {n: v / per_run for n, v in row["fr_kinds"].items()}
+        saved = sum(slot_flops(per_module, s) for s in slots)
+        return (k.get("key", 0) * total + k.get("reuse", 0) * (total - saved)) / (STEPS * total)
+    return row["net_calls"] / per_run / STEPS
+
+
+# --- the run -------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_fr"))
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--kb-size", type=int, default=300, help="KB for the ReDi and ReDi + FeatureReuse rows (0: no ReDi rows)")
+    ap.add_argument("--sd15-size", type=int, default=256)
+    ap.add_argument("--sd15-times", default="", help="read the SD1.5-size per-call times from this JSON (from --sd15-only) instead of measuring them")
+    ap.add_argument("--sd15-only", default="", help="measure only the SD1.5-size per-call times and write them to this JSON")
+    ap.add_argument("--groups", default="fewer,easycache,fr,redi", help="row groups to run (the full baseline always runs): fewer, easycache, fr, redi")
+    ap.add_argument("--merge", nargs="*", default=[], help="merge the results.json of runs of disjoint --groups/--only into OUT (no sampling)")
+    ap.add_argument("--sd15-orders", default="0,1,2", help="with --sd15-only: the FeatureReuse orders to time (others are kept from an existing file)")
+    ap.add_argument("--fr-slice", default=":", help="run only these FeatureReuse settings of the list, as a Python slice (e.g. 0:8)")
+    args = ap.parse_args()
+    if args.queries % args.batch:
+        raise SystemExit("--queries must be a multiple of --batch (every UNet call then has the same batch)")
+    torch.set_num_threads(1)  # CPU-time ratios that hold on a shared machine
+    if args.sd15_only:
+        from redi_demo import host
+
+        host.load_pack()
+        tmp, dest = Path(args.sd15_only + ".part"), Path(args.sd15_only)
+        src = dest if dest.is_file() else Path(args.sd15_only + ".known")  # an earlier partial measurement
+        known = json.loads(src.read_text()) if src.is_file() else None
+        if known:
+            known["orders"] = {int(k): v for k, v in known["orders"].items()}
+        orders = tuple(int(o) for o in args.sd15_orders.split(","))
+        times = sd15_call_times(importlib.import_module("redi_accelerate.nodes.feature_reuse"), args.sd15_size, orders, known)
+        tmp.write_text(json.dumps(times, indent=1))
+        tmp.replace(args.sd15_only)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = runs[0]["rows"][:1] + [r for run in runs for r in run["rows"] if r["name"] != FULL]
+        times = runs[0]["sd15_call_times"]
+        write(rows, times, args, out, note=f"merged from {len(runs)} runs, each against its own full baseline (the same queries)")
+        return
+    groups = set(args.groups.split(","))
+    b = B.Bench(out, args.queries, args.batch)
+    fr = b.fr
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    per_run = args.queries // args.batch
+    dm = b.model.model.diffusion_model
+    ctx = b.conds[0][0][0][:1].repeat(2, 1, 1)
+    demo_flops = block_flops(dm, torch.randn(2, 4, 8, 8), ctx)
+    sd15 = sd15_patcher()
+    size = args.sd15_size // 8
+    sd15_flops = block_flops(sd15.model.diffusion_model, torch.randn(2, 4, size, size), torch.randn(2, 77, 768) * 0.1)
+    sd15_slots = [p for _, p, _ in fr.find_blocks(sd15.model.diffusion_model, "all", set(PARTS.split(",")))]
+    del sd15
+    rows: list[dict] = []
+
+    def run(group: str, name: str, model, steps: int = STEPS, sampler=None, **extra) -> dict:
+        state = fr_state(model) if extra.get("fr") else None
+        acct = Accounting(state)
+        m = acct.attach(model)
+        c0 = time.process_time()
+        imgs, wall, nfe = b.generate(sampler or b.full(steps), "same", model=m)
+        cpu = time.process_time() - c0
+        if name == FULL:
+            b.refs["same"] = imgs
+        row = b.record(group, name, imgs, wall, nfe, "same", "same")
+        row.update(cpu_s=cpu, net_calls=acct.net_calls, steps_per_run=steps, runs=acct.runs, **{k: v for k, v in extra.items() if k != "fr"})
+        if state is not None:
+            row["fr_kinds"] = dict(acct.kinds)
+            total, per_module = demo_flops
+            saved = sum(n * slot_flops(per_module, s) for s, n in acct.slot_skips.items())
+            row["flops_demo"] = (acct.net_calls * total - saved) / (rows[0]["net_calls"] * total) if rows else 1.0
+        else:
+            row["flops_demo"] = acct.net_calls / rows[0]["net_calls"] if rows else 1.0
+        rows.append(row)
+        return row
+
+    t0 = time.time()
+    run("baseline", FULL, b.model)
+    for n in (8, 10, 12, 14) if "fewer" in groups else ():
+        run("fewer steps", f"euler {n} steps", b.model, steps=n)
+    for thr in (0.1, 0.2, 0.3) if "easycache" in groups else ():
+        run("EasyCache", f"EasyCache {thr}", EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0])
+    lo, hi = (int(v) if v else None for v in args.fr_slice.split(":"))
+    for s in fr_settings()[lo:hi] if "fr" in groups else ():
+        run(f"FR order {s['order']}", s["name"], patch_fr(fr, b.model, s), fr=True, order=s["order"], setting=s)
+    if args.kb_size and "redi" in groups:
+        kb = b.build_kb(f"fixed_{args.kb_size}", args.kb_size, "fixed")
+        run("ReDi", "ReDi k=4 v=10", b.model, steps=14, sampler=b.redi(kb, 4, 10, 1, "latent"))
+        for s in ({"name": "i2 o0 mix", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": 0.0, "threshold": 0.0},
+                  {"name": "ramp i4 o1", "interval": 4, "schedule": "ramp", "order": 1, "mixing": False, "start": 0.0, "threshold": 0.0}):
+            run("ReDi+FR", f"ReDi k=4 v=10 + FR {s['name']}", patch_fr(fr, b.model, s), steps=14,
+                sampler=b.redi(kb, 4, 10, 1, "latent"), fr=True, order=s["order"], setting=s)
+    print(f"demo-model runs: {time.time() - t0:.0f}s", flush=True)
+
+    if args.sd15_times:
+        while not Path(args.sd15_times).is_file():  # measured by a --sd15-only run in parallel
+            time.sleep(10)
+        times = json.loads(Path(args.sd15_times).read_text())
+        times["orders"] = {int(k): v for k, v in times["orders"].items()}
+    else:
+        times = sd15_call_times(fr, args.sd15_size)
+    for r in rows:
+        r["cpu_ratio"] = r["cpu_s"] / rows[0]["cpu_s"]
+        r["sd15_cost"] = sd15_cost(r, times, per_run)
+        r["flops_sd15"] = sd15_flops_fraction(r, sd15_flops, sd15_slots, per_run)
+    write(rows, times, args, out)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| group | setting | UNet FLOPs run, demo | UNet FLOPs run, SD1.5 | demo CPU (x full) | demo wall (x full) | "
+             "SD1.5-size cost (x full) | acc mean | Frechet | PSNR dB |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['name']} | {r['flops_demo']:.2f} | {r['flops_sd15']:.2f} | {r['cpu_ratio']:.2f} | "
+                     f"{r['wall_ratio']:.2f} | {r['sd15_cost']:.2f} | {r['acc_mean']:.3f} | {r['frechet']:.2f} | "
+                     f"{r['psnr']:.1f} |" if r["name"] != FULL else
+                     f"| {r['group']} | full {STEPS} steps | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | {r['acc_mean']:.3f} | {r['frechet']:.2f} | - |")
+    return "\n".join(lines)
+
+
+def pareto(rows: list[dict], key: str, lower_is_better: bool) -> list[dict]:
+    front, best = [], None
+    for r in sorted(rows, key=lambda r: r["sd15_cost"]):
+        v = r[key] if lower_is_better else -r[key]
+        if best is None or v < best:
+            front.append(r)
+            best = v
+    return front
+
+
+def write(rows: list[dict], times: dict, args, out: Path, note: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    md = table(rows)
+    t = times
+    md += (f"\n\nSD1.5-size UNet ({t['size']}x{t['size']}, random weights, one torch thread, CPU seconds per call, batch 2 = cond + uncond): "
+           f"full {t['full']:.2f}, sampler overhead per step {t['overhead_per_step']:.3f}; "
+           + "; ".join(f"FR order {o}: keyframe {v['key']:.2f}, reuse {v['reuse']:.2f}, jump {v['jump']:.4f}" for o, v in t["orders"].items()))
+    md += f"\n\n{args.queries} queries (batch {args.batch}), euler {STEPS} steps, cfg {B.CFG}, the KB's fixed seed; KB of {args.kb_size} for the ReDi rows. {note}"
+    print("\n" + md)
+    (out / "results.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "sd15_call_times": times, "machine": platform.platform(),
+                                                  "threads": torch.get_num_threads(), "args": vars(args)}, indent=1, default=str))
+    colours = {"baseline": "black", "fewer steps": "tab:gray", "EasyCache": "tab:green", "FR order 0": "tab:orange",
+               "FR order 1": "tab:red", "FR order 2": "tab:brown", "ReDi": "tab:blue", "ReDi+FR": "tab:purple"}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    for ax, key, label, lower in ((axes[0], "frechet", "Frechet distance to real images (lower is better)", True),
+                                  (axes[1], "psnr", "PSNR to the full run, dB (higher is better)", False)):
+        for r in rows:
+            if key == "psnr" and r["name"] == FULL:
+                continue
+            ax.scatter(r["sd15_cost"], r[key], color=colours.get(r["group"], "k"), s=25)
+            ax.annotate(r["name"].replace("FR ", ""), (r["sd15_cost"], r[key]), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+        front = pareto([r for r in rows if not (key == "psnr" and r["name"] == FULL)], key, lower)
+        ax.plot([r["sd15_cost"] for r in front], [r[key] for r in front], "k--", lw=0.8, label="Pareto front")
+        for g, c in colours.items():
+            ax.scatter([], [], color=c, label=g)
+        ax.set_xlabel(f"cost on an SD1.5-size UNet, {t['size']}x{t['size']} (x the full 20-step run; CPU)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("FeatureReuse, EasyCache, fewer steps and ReDi: demo-model quality against SD1.5-size cost")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=130)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'pareto.png'}")
+
+
+if __name__ == "__main__":
+    main()
