@@ -37,9 +37,11 @@ def row_crcs(arr: np.ndarray) -> np.ndarray:
 
 def check_values(arr: np.ndarray, what: str) -> None:
     """Refuse NaN, infinities and magnitudes no real latent has (they overflow the blend)."""
-    if not np.isfinite(arr).all():
+    if not arr.size:
+        return
+    peak = max(float(arr.max()), -float(arr.min()))  # NaN propagates through max/min
+    if not np.isfinite(peak):
         raise KBError(f"{what} holds NaN or infinite values; the data is corrupt (rebuild it, or check the model and cfg)")
-    peak = float(np.abs(arr).max()) if arr.size else 0.0
     if peak > MAX_ABS_VALUE:
         raise KBError(f"{what} holds values up to {peak:.3g}, beyond the {MAX_ABS_VALUE:g} a latent may have; the data is corrupt or hostile")
 
@@ -74,6 +76,7 @@ class ShardFile:
 
     def __init__(self, path: Path, rec: ShardRec, header: Header, check_head: bool = True):
         self.path, self.rec, self.name = Path(path), rec, rec.file
+        self.fd = -1
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
         try:
             self.fd = os.open(self.path, flags)
@@ -82,7 +85,7 @@ class ShardFile:
         try:
             self._parse(header, check_head)
         except Exception:
-            os.close(self.fd)
+            self.close()  # and forget the number: a second close could hit a file or socket that reused it
             raise
 
     def _bad(self, what: str) -> KBError:
@@ -138,25 +141,38 @@ class ShardFile:
         if check_head and self.head_sha != self.rec.head_sha:
             raise self._bad("its header or row checksums do not match the KB's log (the file was changed or swapped)")
         md = meta.get("__metadata__")
-        try:
-            ents = json.loads(md["entries"])
-            assert isinstance(ents, list) and len(ents) == count
-            self.entries = [Entry(str(e["prompt"]), int(e["seed"]), int(e.get("pos", -1))) for e in ents]
-            assert all(isinstance(e["prompt"], str) and isinstance(e["seed"], int) for e in ents)
-        except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
-            raise self._bad(f"its entry metadata is missing or malformed (need {count} entries with prompt, seed, pos)") from e
+        if not isinstance(md, dict) or not isinstance(md.get("entries"), str):
+            raise self._bad("its entry metadata is missing")
+        self._entries_json: str | None = md["entries"]
+        self._entries: list[Entry] | None = None
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The shard's entries, parsed on first use (queries need only their neighbours' prompts)."""
+        if self._entries is None:
+            count = self.rec.count
+            try:
+                ents = json.loads(self._entries_json)
+                assert isinstance(ents, list) and len(ents) == count
+                assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
+                self._entries = [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
+            except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
+                raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
+            self._entries_json = None
+        return self._entries
 
     def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
         """Rows `idx` (local) of tensor "x.{s}"/"d.{s}" as float32, each checked against its crc."""
-        out = np.empty((len(idx), *self.row_shape), dtype=np.float32)
         base, rb, crcs = self.offsets[tensor], self.row_bytes, self.crcs[tensor]
+        buf = bytearray(rb * len(idx))
         for j, i in enumerate(idx):
             i = int(i)
             raw = os.pread(self.fd, rb, base + i * rb)
             if len(raw) != rb or zlib.crc32(raw) != int(crcs[i]):
                 raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
                               f"rebuild the KB or re-copy {self.name}")
-            out[j] = np.frombuffer(raw, dtype=self.dtype).reshape(self.row_shape)
+            buf[j * rb : (j + 1) * rb] = raw
+        out = np.frombuffer(buf, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
         check_values(out, f"{self.name}, tensor {tensor}")
         return out
 

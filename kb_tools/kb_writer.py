@@ -93,7 +93,13 @@ def create_kb(kb_dir: Path, fp: Fingerprint, dtype: str = "float16", key_dims: i
     kb_dir = Path(kb_dir)
     with kb_lock(kb_dir):
         if os.path.lexists(kb_dir / MANIFEST):
-            header = read_header(kb_dir)
+            try:
+                header = read_header(kb_dir)
+            except KBError as e:
+                if "format-1" not in str(e):
+                    raise
+                raise KBError(f"KB {kb_dir.name} already exists with other settings (format version 1; this pack writes "
+                              f"version 2): convert it with `python -m kb_tools upgrade {kb_dir} NEW_FOLDER` or choose another KB name") from None
             check_compatible(header, fp, kb_dir.name)
             return header
         header = Header(fp, dtype, kb_index.pool_factor(fp.latent_shape, key_dims), shard_rows or default_shard_rows(fp, dtype))

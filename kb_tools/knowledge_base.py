@@ -65,6 +65,7 @@ class KnowledgeBase:
         self.rerank = kb_index.DEFAULT_RERANK
         self.nprobe = kb_index.DEFAULT_NPROBE
         self.entries = _Entries(self)
+        self._last_rows: tuple[str, np.ndarray, np.ndarray] | None = None  # the last re-rank's rows
 
     @property
     def name(self) -> str:
@@ -116,6 +117,9 @@ class KnowledgeBase:
 
     def _rows(self, tensor: str, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        last = self._last_rows
+        if last is not None and last[0] == tensor and len(ids) and np.isin(ids, last[1]).all():
+            return last[2][np.searchsorted(last[1], ids)]  # the blend re-uses the re-rank's full keys
         if len(ids) and (ids.min() < 0 or ids.max() >= self._count):
             raise KBError(f"entry ids {ids.tolist()[:5]} are outside 0..{self._count - 1} of KB {self.name}")
         out = np.empty((len(ids), *self.fingerprint.latent_shape), dtype=np.float32)
@@ -168,15 +172,15 @@ class KnowledgeBase:
         end_rows = chunks[need][0]
         if os.stat(path).st_size < end_rows * dims * 4:
             raise KBError(f"{name} holds fewer than the {end_rows} committed keys; the KB is damaged, rebuild it")
-        out = np.empty((end_rows, dims), dtype=np.float32)
         with open(path, "rb") as f:
-            prev = 0
-            for rows, sha in chunks[: need + 1]:
-                raw = f.read((rows - prev) * dims * 4)
-                if hashlib.sha256(raw).hexdigest() != sha:
-                    raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
-                out[prev:rows] = np.frombuffer(raw, dtype="<f4").reshape(-1, dims)
-                prev = rows
+            buf = np.fromfile(f, dtype="<f4", count=end_rows * dims)
+        mv = memoryview(buf).cast("B")
+        prev = 0
+        for rows, sha in chunks[: need + 1]:
+            if hashlib.sha256(mv[prev * dims * 4 : rows * dims * 4]).hexdigest() != sha:
+                raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
+            prev = rows
+        out = buf.reshape(end_rows, dims)
         out = out[:n]
         check_values(out, name)
         return out
@@ -210,16 +214,16 @@ class KnowledgeBase:
         reduced = kb_index.reduce_keys(q, self.fingerprint.latent_shape, self.header.pool)
         _, cand = kb_index.search(self.index(space, step), reduced, cand_n)
         uniq = np.unique(cand[cand >= 0])
-        full = self.full_keys(space, step, uniq).astype(np.float64)
-        pos = {int(i): j for j, i in enumerate(uniq)}
+        full = self.full_keys(space, step, uniq)
+        self._last_rows = (("x" if space == "latent" else "d") + f".{step}", uniq, full.reshape(len(uniq), *self.fingerprint.latent_shape))
+        col = np.searchsorted(uniq, cand.clip(min=0))
         dist = np.full((len(q), n), np.inf, dtype=np.float64)
         ids = np.full((len(q), n), -1, dtype=np.int64)
         for b in range(len(q)):
-            c = cand[b][cand[b] >= 0]
-            if not len(c):
-                continue
-            rows = full[[pos[int(i)] for i in c]]
-            d = np.sqrt(np.maximum(((rows - q[b].astype(np.float64)) ** 2).sum(axis=1), 0.0))
+            ok = cand[b] >= 0
+            c = cand[b][ok]
+            diff = full[col[b][ok]] - q[b]  # exact distances on full keys (differences first: no cancellation)
+            d = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
             order = np.argsort(d, kind="stable")[:n]
             dist[b, : len(order)], ids[b, : len(order)] = d[order], c[order]
         return dist, ids

@@ -60,7 +60,11 @@ def measure_recall(kb_path: Path, space: str, step: int, queries: int, noise: fl
             centroids = kb_index.train_centroids(rb)
             ivf = kb_index.ivf_index(centroids)
             kb_index.add_preassigned(ivf, rb, kb_index.assign(centroids, rb))
-            indexes[f"ivf{ivf.nlist}/nprobe{ivf.nprobe}"] = ivf
+            for nprobe in sorted({4, kb_index.DEFAULT_NPROBE}):
+                if nprobe < ivf.nlist:
+                    ivf_p = faiss.clone_index(ivf)
+                    ivf_p.nprobe = nprobe
+                    indexes[f"ivf{ivf.nlist}/nprobe{nprobe}"] = ivf_p
         for name, idx in indexes.items():
             for c in reranks:
                 if c < h:

@@ -195,3 +195,23 @@ def test_prompts_file_is_confined_to_the_input_folder(tmp_path):
             confined_file(name, str(root))
     with pytest.raises(KBError, match="not found in ComfyUI's input folder"):
         confined_file("missing.txt", str(root))
+
+
+def test_a_refused_shard_never_closes_a_reused_descriptor(kb_dir, tmp_path):
+    """A shard refused while parsing once closed its descriptor twice (the second time at garbage
+    collection), which closed whatever reused the number: the ComfyUI server's socket."""
+    import gc
+
+    (kb_dir / "shard_000000.safetensors").write_bytes(struct.pack("<Q", 1 << 40))
+    kb = KnowledgeBase.open(kb_dir)
+    saved = []
+    try:
+        kb.values("latent", 2, [0])
+    except KBError as e:
+        saved.append(e)  # ComfyUI keeps a node's exception (and its frames) for its error report
+    with open(tmp_path / "other", "w+b") as other:  # takes the refused shard's descriptor number
+        saved.clear()
+        gc.collect()
+        other.write(b"still open")
+        other.flush()
+        os.fstat(other.fileno())

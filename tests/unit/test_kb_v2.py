@@ -161,6 +161,8 @@ def test_v1_kb_is_refused_with_the_upgrade_command_and_upgrades_losslessly(tmp_p
     x = _write_v1(old, fingerprint(), 5)
     with pytest.raises(KBError, match=r"format-1 .*python -m kb_tools upgrade"):
         KnowledgeBase.open(old)
+    with pytest.raises(KBError, match=r"already exists with other settings \(format version 1.*kb_tools upgrade"):
+        builder.build(old, fingerprint(), ["more"], 1, fake_run_batch())  # scripts/demo.py rebuilds on this message
     st = upgrade(old, tmp_path / "new")
     assert st.count == 5
     kb = KnowledgeBase.open(tmp_path / "new")
