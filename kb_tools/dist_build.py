@@ -222,7 +222,10 @@ class Coordinator:
                 client.release([name])
 
     def _probe(self, client: ComfyClient) -> None:
-        info = client.info()
+        try:
+            info = client.info()
+        except WorkerRefused as e:
+            raise WorkerRefused(f"it does not run this pack's routes ({e}); install ComfyUI-ReDi-Accelerate {PACK_VERSION} there") from e
         if info.get("pack_version") != PACK_VERSION:
             raise WorkerRefused(f"pack version: build has {PACK_VERSION!r}, worker has {info.get('pack_version')!r}; install the same pack version on every worker")
         self._cancel_orphans(client)

@@ -155,3 +155,22 @@ def test_settings_the_workers_cannot_build_stop_the_build(tmp_path):
     coord, _ = _coord(tmp_path, [Broken(tmp_path / "a", "http://a")], tmp_path / "kb")
     with pytest.raises(KBError, match=r"no worker(.|\n)*outside 1..10"):
         coord.run_build()
+
+
+def test_worker_without_the_pack_or_with_another_version_is_refused(tmp_path):
+    class NoPack(FakeWorker):
+        def info(self):
+            raise WorkerRefused(f"{self.base}/redi/info answered HTTP 404")
+
+    class OldPack(FakeWorker):
+        def info(self):
+            return {"pack_version": "0.0.1"}
+
+    ws = [FakeWorker(tmp_path / "a", "http://a"), NoPack(tmp_path / "b", "http://b"), OldPack(tmp_path / "c", "http://c")]
+    coord, lines = _coord(tmp_path, ws, tmp_path / "kb")
+    sched = coord.run_build()
+    _check_kb(tmp_path / "kb")
+    refused = sorted(ln for ln in lines if ln.startswith("refused worker"))
+    assert "http://b: it does not run this pack's routes" in refused[0] and "install ComfyUI-ReDi-Accelerate" in refused[0]
+    assert f"http://c: pack version: build has {PACK_VERSION!r}, worker has '0.0.1'" in refused[1]
+    assert sched.stats["http://a"].units == 4
