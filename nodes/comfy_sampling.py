@@ -123,6 +123,7 @@ RESTART_FAILS = {
     "deis": "16.7 dB", "ipndm": "14.9 dB", "ipndm_v": "as ipndm (the same 4th-order Adams-Bashforth history)",
     "dpmpp_2m_sde": "13.6 dB", "dpmpp_2m_sde_gpu": "13.6 dB (as dpmpp_2m_sde)",
     "dpmpp_2m_sde_heun": "as dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "as dpmpp_2m_sde",
+    "dpmpp_3m_sde": "10.1 dB", "dpmpp_3m_sde_gpu": "as dpmpp_3m_sde", "lms": "12.3 dB",
 }
 WORKING_EXAMPLES = "euler, euler_ancestral, heun, dpmpp_2m, uni_pc or lcm"
 
