@@ -116,6 +116,22 @@ class Support:
         return row
 
 
+    def restart(self, sampler: str, scheduler: str = "normal") -> list[float]:
+        """PSNR of a finish from v started on the query's OWN trajectory (3 prompts, seeds 1024, 5001,
+        5002) to the full run: what the sampler loses by restarting at v, whatever the KB holds."""
+        cond = self.kb_nodes.encode_batch(self.clip, [s.prompt() for s in self.samples[:3]])
+        seeds = [SEED, 5001, 5002]
+        latent = torch.zeros((3, 4, 8, 8))
+        noise = self.cs.noise_for(latent, seeds)
+        ph = self.cs.Phases(self.model, STEPS, CFG, sampler, scheduler, self.negative, preview=False)
+        plan = self.cs.NoisePlan(sampler, ph.sigmas, seeds[0], 3, seeds)
+        cap = self.cs.Capture(sampler, noise=plan)
+        full = ph._run(cap, cond, latent, noise, ph.sigmas, seeds[0])
+        ph.noise_plan = plan
+        out = ph.finish(cond, cap.xs[V].numpy(), V, seeds[0])
+        return evaluator.psnr(self._decode(out.float().cpu()), self._decode(full.float().cpu())).tolist()
+
+
 def cell(row: dict, regime: str) -> str:
     r = row[regime]
     guard = f" (guard {r['rejected']}/{r['n']})" if r["rejected"] else ""
@@ -164,6 +180,8 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "docs" / "sampler_support.md"))
     ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--restart", action="store_true",
+                    help="only measure each sampler's finish from v on the query's own trajectory (no KB, normal scheduler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +193,14 @@ def main() -> None:
     all_samplers, all_schedulers = list(cs.KSampler.SAMPLERS), list(cs.KSampler.SCHEDULERS)
     samplers = [s for s in args.samplers.split(",") if s] or all_samplers
     schedulers = [s for s in args.schedulers.split(",") if s] or all_schedulers
+    if args.restart:
+        sup.cs.RESTART_FAILS.clear()  # measure the refused ones too
+        for s in samplers:
+            if s in sup.cs.OWN_STEPS:
+                continue
+            p = sup.restart(s)
+            print(f"| {s} | " + ", ".join(f"{v:.1f}" for v in p) + f" | {np.mean(p):.1f} |", flush=True)
+        return
     for s in samplers:
         for sch in schedulers:
             f = out / "pairs" / f"{s}__{sch}.json"
