@@ -57,6 +57,7 @@ def fr_settings() -> list[dict]:
         (4, "fixed", 1, False, 0.0, 0.0), (4, "fixed", 2, False, 0.0, 0.0), (3, "fixed", 1, False, 0.2, 0.0),
         (4, "ramp", 0, False, 0.0, 0.0), (3, "ramp", 1, False, 0.0, 0.0), (4, "ramp", 1, False, 0.0, 0.0), (5, "ramp", 1, False, 0.0, 0.0),
         (4, "adaptive", 1, False, 0.0, 0.1), (4, "adaptive", 1, False, 0.0, 0.2),
+        (6, "ramp", 0, False, 0.0, 0.0), (8, "ramp", 0, False, 0.0, 0.0),
     ]:
         name = f"FR {schedule} i{interval} o{order}" + (" mix" if mixing else "") + (f" start {start}" if start else "") + (f" thr {thr}" if schedule == "adaptive" else "")
         out.append({"name": name, "interval": interval, "schedule": schedule, "order": order, "mixing": mixing, "start": start, "threshold": thr})
@@ -201,8 +202,12 @@ def sd15_cost(row: dict, t: dict, per_run: float) -> float:
     steps = row["steps_per_run"]
     if row.get("fr_kinds"):
         k = {n: v / per_run for n, v in row["fr_kinds"].items()}
-        o = t["orders"][row.get("order", 0)]
-        cost = k.get("key", 0) * o["key"] + k.get("reuse", 0) * o["reuse"] + k.get("jump", 0) * o["jump"]
+        o, key = t["orders"][row.get("order", 0)], t["orders"][0]["key"]
+        # a keyframe does the same work in every order (the history keeps references); each order's
+        # reuse call is taken relative to the keyframe timed in the same run, so that the load of the
+        # shared machine during that run cancels out
+        reuse = o["reuse"] * key / o["key"]
+        cost = k.get("key", 0) * key + k.get("reuse", 0) * reuse + k.get("jump", 0) * o["jump"]
     else:
         net = row["net_calls"] / per_run
         cost = net * t["full"] + (row["nfe"] / per_run - net) * t["orders"][0]["jump"]  # EasyCache skips cost ~ a jump
@@ -256,7 +261,10 @@ def main() -> None:
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = runs[0]["rows"][:1] + [r for run in runs for r in run["rows"] if r["name"] != FULL]
-        times = runs[0]["sd15_call_times"]
+        times = json.loads(Path(args.sd15_times).read_text()) if args.sd15_times else runs[0]["sd15_call_times"]
+        times["orders"] = {int(k): v for k, v in times["orders"].items()}
+        for r in rows:
+            r["sd15_cost"] = sd15_cost(r, times, runs[0]["args"]["queries"] // runs[0]["args"]["batch"])
         write(rows, times, args, out, note=f"merged from {len(runs)} runs, each against its own full baseline (the same queries)")
         return
     groups = set(args.groups.split(","))
