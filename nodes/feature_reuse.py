@@ -10,6 +10,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from comfy_api.latest import io
 
 from ..redi_core.frdiff import CachedDiTBlock, CachedFirstConv, CachedTransformer, FRDiffConfig, FRDiffState, step_index
+from . import kb_types
 
 WRAPPER_KEY = "redi_frdiff"
 PARTS = ("input", "middle", "output")
@@ -62,6 +63,7 @@ class _Wrappers:
         self.state = state
         self.t_max = float(model_sampling.timestep(model_sampling.sigma_max))
         self.model_sampling = model_sampling
+        self.report_node: str | None = None  # the node that shows the report after sampling
 
     def outer_sample(self, executor, *args, **kwargs):
         self.state.reset()
@@ -75,6 +77,10 @@ class _Wrappers:
                     "[ReDi FeatureReuse] %d UNet calls: %d keyframes, %d with reused blocks, %d jumps (no network call); blocks reused %s",
                     total, c["key"], c["reuse"], c["jump"], dict(st.skipped),
                 )
+                kb_types.send_report(self.report_node, [
+                    f"{total} UNet calls: {c['key']} full keyframes, {c['reuse']} with reused blocks,",
+                    f"{c['jump']} answered from the cached score (no network call)",
+                ])
             self.state.drop_caches()
 
     def diffusion_model(self, executor, x, timesteps, *args, **kwargs):
@@ -115,6 +121,7 @@ class ReDiFeatureReuse(io.ComfyNode):
                 io.Float.Input("mix_bias", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Progress where lambda(t) switches from the keyframe score to the reuse score. Higher: more steps skip the network (faster, softer detail)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model (the input model is not changed).")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -146,6 +153,7 @@ class ReDiFeatureReuse(io.ComfyNode):
         for name, index in dit:
             m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", earlier.get((name, index))), "dit", name, index)
         wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
+        wrappers.report_node = cls.hidden.unique_id
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)
         return io.NodeOutput(m)
