@@ -70,10 +70,22 @@ function addReportWidget(node) {
     setValue: (v) => {
       el.value = v;
     },
-    getMinHeight: () => reportHeight(node, el.value),
+    getMinHeight: () => reportHeight(node, el.value) + (el.rediExtraPx ?? 0),
     serialize: false,
   });
   widget.serialize = false;
+  // The estimate above can miss the browser's real line breaks (fonts, long paths): whenever the
+  // node is drawn with its report scrolled, grow the box by what is hidden.
+  const onDrawForeground = node.onDrawForeground;
+  node.onDrawForeground = function () {
+    onDrawForeground?.apply(this, arguments);
+    const hidden = el.scrollHeight - el.clientHeight;
+    if (el.clientHeight > 0 && hidden > 1) {
+      el.rediExtraPx = (el.rediExtraPx ?? 0) + hidden;
+      this.setSize([this.size[0], Math.max(this.size[1] + hidden, this.computeSize(this.size[0])[1])]);
+      this.setDirtyCanvas(true, true);
+    }
+  };
   const onResize = node.onResize;
   node.onResize = function (size) {
     onResize?.apply(this, arguments);
@@ -89,6 +101,7 @@ export function showReport(node, lines) {
   if (!node || !Array.isArray(lines)) return;
   let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
   if (!widget) widget = addReportWidget(node);
+  widget.element.rediExtraPx = 0;
   widget.value = lines.join("\n");
   const need = node.computeSize(node.size[0]);
   node.setSize([node.size[0], Math.max(node.size[1], need[1])]);

@@ -56,6 +56,7 @@ class Frontend:
         except Exception:  # noqa: BLE001 - no dialog on this start
             pass
         self.close_dialogs()
+        assert self.page.locator(".p-dialog").count() == 0, "a dialog stays open over the canvas"
 
     def wait_until(self, js: str, timeout_s: float = 30, arg=None):
         """Poll a page-side predicate (Playwright's wait_for_function did not see this app's state)."""
@@ -145,5 +146,14 @@ class Frontend:
         return loc.inner_text()
 
     def close_dialogs(self) -> None:
-        self.page.keyboard.press("Escape")
-        self.page.wait_for_timeout(300)
+        """Close every open dialog with its close button (the template browser of a first start too)."""
+        for _ in range(4):
+            dialogs = self.page.locator(".p-dialog")
+            if dialogs.count() == 0:
+                return
+            close = self.page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']")
+            if close.count():
+                close.last.click(timeout=5000)
+            else:
+                self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(400)
