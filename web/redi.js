@@ -114,8 +114,9 @@ function nodeOf(id) {
   return graph?.getNodeById(Number(top)) ?? graph?.getNodeById(top);
 }
 
-function displayName(type) {
-  return LiteGraph.registered_node_types?.[type]?.title || type;
+function displayName(type, id) {
+  const node = id == null ? null : nodeOf(id);
+  return node?.title || app.nodeDefs?.[type]?.display_name || LiteGraph.registered_node_types?.[type]?.title || type;
 }
 
 // Runs before the frontend's own handler (a capture listener fires first at the target):
@@ -124,7 +125,7 @@ function displayName(type) {
 function readableError(event) {
   const d = event.detail;
   if (!d || typeof d.node_type !== "string" || !d.node_type.startsWith("ReDi")) return;
-  d.node_type = displayName(d.node_type);
+  d.node_type = displayName(d.node_type, d.node_id);
   if (typeof d.exception_type === "string") d.exception_type = d.exception_type.split(".").pop();
 }
 

@@ -1,3 +1,4 @@
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ def frontend(server):
         executable = chromium_path()
     except RuntimeError as e:
         pytest.fail(str(e))
+    # A new user's first start opens the template browser over an empty graph; marked as seen,
+    # the first start shows ComfyUI's default workflow (what "New" gives), which the first test runs.
+    req = urllib.request.Request(server.base + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})

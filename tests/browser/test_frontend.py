@@ -116,6 +116,8 @@ def test_example_workflow_in_the_frontend(frontend, name):
     assert result["end"]["type"] == "execution_success", json.dumps(result["end"]["detail"])[:3000]
     api = _api(name)
     saves = [k for k, n in api.items() if n["class_type"] == "SaveImage"]
+    if saves:
+        frontend.frame([int(k) for k in saves], scale=1.0)  # the page loads a node's images when it draws it
     shown = frontend.wait_images(saves)
     assert all(shown.get(k, 0) > 0 for k in saves), f"images not shown: {shown}"
 
