@@ -82,7 +82,7 @@ function addReportWidget(node) {
     const hidden = el.scrollHeight - el.clientHeight;
     if (el.clientHeight > 0 && hidden > 1) {
       el.rediExtraPx = (el.rediExtraPx ?? 0) + hidden;
-      this.setSize([this.size[0], Math.max(this.size[1] + hidden, this.computeSize(this.size[0])[1])]);
+      this.setSize([this.size[0], Math.max(this.size[1] + hidden, this.computeSize()[1])]);
       this.setDirtyCanvas(true, true);
     }
   };
@@ -90,7 +90,7 @@ function addReportWidget(node) {
   node.onResize = function (size) {
     onResize?.apply(this, arguments);
     // a narrower node wraps the report into more lines: keep it tall enough
-    const need = this.computeSize(size[0])[1];
+    const need = this.computeSize()[1];
     if (size[1] < need) size[1] = need;
   };
   return widget;
@@ -103,7 +103,7 @@ export function showReport(node, lines) {
   if (!widget) widget = addReportWidget(node);
   widget.element.rediExtraPx = 0;
   widget.value = lines.join("\n");
-  const need = node.computeSize(node.size[0]);
+  const need = node.computeSize(); // takes an out-array, not a width
   node.setSize([node.size[0], Math.max(node.size[1], need[1])]);
   node.setDirtyCanvas(true, true);
 }
