@@ -119,11 +119,11 @@ function displayName(type, id) {
   return node?.title || app.nodeDefs?.[type]?.display_name || LiteGraph.registered_node_types?.[type]?.title || type;
 }
 
-// Runs before the frontend's own handler (a capture listener fires first at the target):
-// the dialog then shows "ReDi KSampler" and "KBError" instead of "ReDiKSampler" and
-// "/abs/path/custom_nodes/ComfyUI-ReDi-Accelerate.kb_tools.errors.KBError".
-function readableError(event) {
-  const d = event.detail;
+// Rewrites a ReDi node's execution_error before the frontend's own handler builds its dialog,
+// which then shows "ReDi KSampler" and "KBError" instead of "ReDiKSampler" and
+// "/abs/path/custom_nodes/ComfyUI-ReDi-Accelerate.kb_tools.errors.KBError". (A capture listener
+// did not run before the frontend's handler, so the api's dispatch of that one event is wrapped.)
+function readableError(d) {
   if (!d || typeof d.node_type !== "string" || !d.node_type.startsWith("ReDi")) return;
   d.node_type = displayName(d.node_type, d.node_id);
   if (typeof d.exception_type === "string") d.exception_type = d.exception_type.split(".").pop();
@@ -132,7 +132,11 @@ function readableError(event) {
 app.registerExtension({
   name: "ReDi.Accelerate.Report",
   setup() {
-    api.addEventListener("execution_error", readableError, { capture: true });
+    const dispatch = api.dispatchCustomEvent.bind(api);
+    api.dispatchCustomEvent = (type, detail) => {
+      if (type === "execution_error") readableError(detail);
+      return dispatch(type, detail);
+    };
     api.addEventListener("redi.report", ({ detail }) => showReport(nodeOf(detail?.node), detail?.lines));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
