@@ -19,6 +19,7 @@ from ..redi_core.frdiff import (
     step_index,
     unwrap,
 )
+from . import kb_types
 
 WRAPPER_KEY = "redi_frdiff"
 PARTS = ("input", "middle", "output")
@@ -74,6 +75,7 @@ class _Wrappers:
         self.state = state
         self.t_max = float(model_sampling.timestep(model_sampling.sigma_max))
         self.model_sampling = model_sampling
+        self.report_node: str | None = None  # the node that shows the report after sampling
 
     def outer_sample(self, executor, *args, **kwargs):
         guider = getattr(executor, "class_obj", None)
@@ -95,6 +97,10 @@ class _Wrappers:
                     "[ReDi FeatureReuse] %d UNet calls: %d keyframes, %d with reused blocks, %d jumps (no network call); blocks reused %s",
                     total, c["key"], c["reuse"], c["jump"], dict(st.skipped),
                 )
+                kb_types.send_report(self.report_node, [
+                    f"{total} UNet calls: {c['key']} full keyframes, {c['reuse']} with reused blocks,",
+                    f"{c['jump']} answered from the cached score (no network call)",
+                ])
             self.state.drop_caches()
 
     def diffusion_model(self, executor, x, timesteps, *args, **kwargs):
@@ -138,6 +144,7 @@ class ReDiFeatureReuse(io.ComfyNode):
                 io.Float.Input("threshold", default=0.15, min=0.0, max=2.0, step=0.01, optional=True, tooltip="adaptive schedule only: the predicted relative change of the model output that forces a keyframe. Lower: more keyframes (slower, closer to the full run)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model (the input model is not changed).")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -182,6 +189,7 @@ class ReDiFeatureReuse(io.ComfyNode):
         for name, index in dit:
             m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", unwrap(earlier.get((name, index)))), "dit", name, index)
         wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
+        wrappers.report_node = cls.hidden.unique_id
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)
         return io.NodeOutput(m)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 import numpy as np
@@ -82,7 +83,7 @@ class ReDiKBBuilder(io.ComfyNode):
                 io.Int.Input("height", default=512, min=16, max=8192, step=8, tooltip="Image height; the KB serves only this size."),
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Prompts sampled together. Each finished batch is saved at once, so a stopped build loses at most one batch."),
                 io.Combo.Input("seed_mode", options=["fixed", "range"], default="fixed", tooltip="fixed: every trajectory uses `seed` (the paper's setting; queries with that seed match best). range: trajectory i uses seed + i (serves queries with any seed through denoised keys)."),
-                io.Int.Input("seed", default=1024, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The fixed seed, or the first seed of the range."),
+                io.Int.Input("seed", default=1024, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="The fixed seed, or the first seed of the range. It stays as set after each run (a KB is built with one seed)."),
                 io.String.Input("stored_steps", default=DEFAULT_STORED_STEPS, tooltip="Steps whose latents are stored, comma-separated. Key and value steps of ReDi KSampler must be among them (its defaults are 4 and 10). Each step adds about 4 bytes per latent value per trajectory (fp16 latent and denoised estimate)."),
                 io.String.Input("kb_name", default="my_kb", tooltip="Folder name under models/redi_kb. An existing KB of the same settings is continued or extended."),
                 io.String.Input("prompts_file", default="", optional=True, tooltip="Optional name of a text file in ComfyUI's input folder with more prompts, one per line (files outside the input folder are refused)."),
@@ -100,17 +101,45 @@ class ReDiKBBuilder(io.ComfyNode):
         stored = parse_steps(stored_steps, steps)
         prompt_list = read_prompts(prompts, prompts_file)
         path = kb_types.kb_path_for_write(kb_name)
-        pbar = comfy.utils.ProgressBar(max(1, len(prompt_list)))
+        pbar = comfy.utils.ProgressBar(max(1, len(prompt_list) * steps))
         manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
-                            batch_size, seed_mode, seed, stored, progress=lambda done, total: pbar.update_absolute(done, total))
+                            batch_size, seed_mode, seed, stored,
+                            step_progress=lambda done, total: pbar.update_absolute(done, max(1, total)))
         kb = KnowledgeBase.open(path)
         lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 
 
+class StepProgress:
+    """Progress per sampling step of every trajectory, not per finished batch: an APPLY_MODEL
+    wrapper reads the step from the sigma it is called with. Calls `report(steps done, total steps)`
+    where a total step is one trajectory's step."""
+
+    def __init__(self, sigmas: torch.Tensor, steps: int, report) -> None:
+        self.sigmas, self.steps, self.report = sigmas[:-1].float(), steps, report
+        self.done = 0  # trajectories finished (or found already built) before the running batch
+        self.batch = 0  # trajectories in the running batch
+        self.total = 0
+
+    def batch_done(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        self.report(done * self.steps, total * self.steps)
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        i = int(torch.argmin((self.sigmas - float(t.flatten()[0])).abs()))
+        self.report(self.done * self.steps + self.batch * (i + 1), self.total * self.steps)
+        return executor(x, t, *args, **kwargs)
+
+    def attach(self, model):
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "redi_kb_progress", self)
+        return m
+
+
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
-             seed_mode, seed, stored, progress=lambda done, total: None, dtype="float16"):
-    """The one build path, for the node and for `python -m kb_tools build`."""
+             seed_mode, seed, stored, progress=lambda done, total: None, step_progress=None, dtype="float16"):
+    """The one build path, for the node and for `python -m kb_tools build`. `progress(trajectories done,
+    total)` is called per finished batch; `step_progress(steps done, total)` per sampling step."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
     comfy_sampling.check_sampler(sampler_name)
@@ -124,7 +153,15 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         negative_hash=text_hash(negative), sampling=comfy_sampling.sampling_signature(model),
         negative_cond=comfy_sampling.conditioning_signature(negative_cond),
     )
-    phases = comfy_sampling.Phases(model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
+    sampling_model, on_batch = model, progress
+    if step_progress is not None:
+        tracker = StepProgress(comfy_sampling.sigmas_for(model, scheduler, steps), steps, step_progress)
+        sampling_model = tracker.attach(model)
+
+        def on_batch(done, total):
+            tracker.batch_done(done, total)
+            progress(done, total)
+    phases = comfy_sampling.Phases(sampling_model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
 
     def run_batch(batch, seeds):
         # every item gets the initial and per-step noise of a batch-of-one run with its seed
@@ -132,10 +169,12 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         if cond is None:
             parts = [run_batch([p], [s]) for p, s in zip(batch, seeds)]
             return ({s: np.concatenate([p[0][s] for p in parts]) for s in stored}, {s: np.concatenate([p[1][s] for p in parts]) for s in stored})
+        if step_progress is not None:
+            tracker.batch = len(batch)
         latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
         return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds, stored)
 
-    return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=progress,
+    return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=on_batch,
                          check_interrupt=comfy_sampling.check_interrupt, dtype=dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import folder_paths
 from comfy_api.latest import io
@@ -61,3 +62,14 @@ def kb_path_for_write(name: str) -> str:
 def report(lines: list[str]) -> dict:
     """UI payload shown on the node by web/redi.js (and kept in /history)."""
     return {"redi_report": lines}
+
+
+def send_report(node_id: str | None, lines: list[str]) -> None:
+    """Show `lines` on a node after it ran, from code that runs later than the node's execute
+    (a SAMPLER or model patch reports once sampling is done). web/redi.js listens for it."""
+    if not node_id or not lines:
+        return
+    server_module = sys.modules.get("server")  # ComfyUI's server.py; not imported in headless tools
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    if server is not None:
+        server.send_sync("redi.report", {"node": node_id, "lines": list(lines)}, server.client_id)

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..kb_tools.errors import KBError
 from ..kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
-from . import comfy_sampling, redi_compat
+from . import comfy_sampling, kb_types, redi_compat
 from .redi_ksampler import redi_inputs
 
 
@@ -81,6 +81,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                                      None if denoise_mask is None else denoise_mask[idx], disable_pbar)
         self.last_report = summary_lines(ret, params, steps) + notes
         logging.info("[ReDi Sampler] %s", "\n".join(self.last_report))
+        kb_types.send_report(getattr(self, "report_node", None), self.last_report)
         return out
 
 
@@ -99,6 +100,7 @@ class ReDiSampler(io.ComfyNode):
                 io.Conditioning.Input("content_positive", optional=True, tooltip="Optional content-only conditioning (from ReDi Style Split) for the first k steps and the retrieval; the guider's conditioning drives the rest (zero-shot stylization)."),
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's sampler input.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -110,5 +112,7 @@ class ReDiSampler(io.ComfyNode):
                 content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
         comfy_sampling.check_sampler(sampler_name)
         ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
-        return io.NodeOutput(ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
-                                             max_residual, content_positive, max_weight_deviation))
+        impl = ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
+                               max_residual, content_positive, max_weight_deviation)
+        impl.report_node = cls.hidden.unique_id  # its report is shown on this node after sampling
+        return io.NodeOutput(impl)

@@ -1,6 +1,6 @@
 """Scores generated images of the procedural dataset against their prompts.
 
-    .venv/bin/python -m redi_demo.evaluator train     # writes models/redi_demo_evaluator.safetensors
+    .venv/bin/python -m redi_demo.evaluator train     # writes redi_demo/weights/redi_demo_evaluator.safetensors
     .venv/bin/python -m redi_demo.evaluator selftest  # its own accuracy on real dataset images
 
 (a) prompt adherence: per-attribute accuracy of a CNN trained on the dataset;
@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from . import dataset
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "redi_demo_evaluator.safetensors"
+# kept outside models/ (a checkpoint folder of ComfyUI): it is not a diffusion model
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "redi_demo_evaluator.safetensors"
 FEATURES = 128
 
 

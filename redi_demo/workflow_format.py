@@ -27,9 +27,21 @@ def _is_widget(spec: list) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def _has_control(spec: list) -> bool:
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def has_control(name: str, spec: list) -> bool:
+    """Whether the frontend adds a "control after generate" widget after this input (its value
+    then takes the next slot of `widgets_values`). The frontend's rule (comfyui-frontend-package
+    1.32.9): an INT input's `control_after_generate`, or when the input does not set it, whether
+    it is named seed or noise_seed; a combo's `control_after_generate`."""
     opts = spec[1] if len(spec) > 1 else {}
-    return bool(opts.get("control_after_generate"))
+    declared = opts.get("control_after_generate")
+    if _input_type(spec) == "COMBO":
+        return bool(declared)
+    if _input_type(spec) != "INT":
+        return False
+    return bool(declared) if declared is not None else name in SEED_NAMES
 
 
 def _input_type(spec: list) -> str:
@@ -60,7 +72,7 @@ def api_to_ui(api: dict[str, dict], object_info: dict[str, dict]) -> dict[str, A
             if _is_widget(spec):
                 default = (spec[1] if len(spec) > 1 else {}).get("default")
                 widgets.append(default if linked or val is None else val)
-                if _has_control(spec):
+                if has_control(name, spec):
                     widgets.append("fixed")
                 if linked:
                     ui_inputs.append({"name": name, "type": _input_type(spec), "widget": {"name": name}, "link": None})
@@ -108,7 +120,7 @@ def ui_to_api(ui: dict[str, Any], object_info: dict[str, dict]) -> dict[str, dic
         for name, spec in _inputs_in_order(info):
             if _is_widget(spec):
                 inputs[name] = values.pop(0)
-                if _has_control(spec):
+                if has_control(name, spec):
                     values.pop(0)
         for inp in n.get("inputs", []):
             if inp.get("link") is not None:

@@ -109,7 +109,7 @@ def stylize(prompt: str = STYLE_PROMPT, seed: int = 1024, prompts: str | None = 
     return g
 
 
-# name -> builder; the integration tests run them in this order (the KB is built first)
+# name -> builder; the tests run them in this order (the KB is built first)
 EXAMPLES = {
     "demo_txt2img": demo_txt2img,
     "redi_build_kb": redi_build_kb,
@@ -117,4 +117,16 @@ EXAMPLES = {
     "redi_sampler_custom": redi_sampler_custom,
     "feature_reuse": feature_reuse,
     "stylize": stylize,
+}
+
+# name -> the UI file's name, which the frontend's template browser (1.32.9) shows as the title
+# (and, with '-' and '_' as spaces, as the description) of a custom node pack's workflow.
+# The API twin keeps the short name: example_workflows/api/NAME.json.
+TITLES = {
+    "demo_txt2img": "1 Demo model, plain txt2img with stock nodes",
+    "redi_build_kb": "2 Build a ReDi knowledge base of trajectories",
+    "redi_ksampler": "3 ReDi KSampler, skips steps by retrieval from a KB",
+    "redi_sampler_custom": "4 ReDi Sampler in SamplerCustomAdvanced",
+    "feature_reuse": "5 FeatureReuse (FRDiff) speeds up a KSampler",
+    "stylize": "6 Zero-shot stylization with ReDi Style Split",
 }

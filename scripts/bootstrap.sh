@@ -82,7 +82,17 @@ if ! is_done pack_reqs "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$R
   mark_done pack_reqs "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/constraints.txt"
 fi
 
-# 6. link the pack into ComfyUI's custom_nodes (always re-pointed at this checkout)
+# 6. a browser for the browser tests (tests/browser): Debian's chromium, driven by pip's playwright
+#    (requirements-dev.txt); playwright's own browser download is not used
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && [ -z "${REDI_CHROMIUM:-}" ]; then
+  say "installing chromium (apt) for the browser tests"
+  if [ "$(id -u)" = 0 ]; then APT=(apt-get); elif command -v sudo >/dev/null; then APT=(sudo apt-get); else APT=(); fi
+  [ ${#APT[@]} -gt 0 ] || die "chromium is missing and this user cannot install it: run 'apt-get install -y chromium' as root, or set REDI_CHROMIUM to a Chromium executable"
+  "${APT[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${APT[@]}" install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed (see apt's message above); or set REDI_CHROMIUM to a Chromium executable"
+fi
+
+# 7. link the pack into ComfyUI's custom_nodes (always re-pointed at this checkout)
 mkdir -p "$COMFY/custom_nodes"
 ln -sfn "$ROOT" "$COMFY/custom_nodes/$PACK_NAME"
 say "ready: $COMFY (python: $VENV/bin/python)"

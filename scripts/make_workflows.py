@@ -1,11 +1,21 @@
-"""Regenerate example_workflows/ (UI format) and example_workflows/api/ (API format)
-from redi_demo/workflows.py, using a real ComfyUI's /object_info for widget order.
+"""Regenerate example_workflows/ from redi_demo/workflows.py, using a real ComfyUI's
+/object_info for widget order:
 
-    .venv/bin/python scripts/make_workflows.py
+- example_workflows/TITLE.json: UI format (what the frontend loads; TITLE from workflows.TITLES),
+- example_workflows/api/NAME.json: its API-format twin (what the frontend must queue),
+- with --thumbnails, example_workflows/TITLE.jpg: the template browser's thumbnail, an image
+  the workflow produces, rendered by running it on the demo model (takes a few minutes: the
+  KB workflows build the demo KB first).
+
+    .venv/bin/python scripts/make_workflows.py [--thumbnails]
+
+tests/browser checks that the frontend queues exactly each API twin; run this script when a
+node's inputs change (the test then says so).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -14,26 +24,70 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from redi_demo import workflows  # noqa: E402
 from redi_demo.comfy_server import ComfyServer  # noqa: E402
 from redi_demo.workflow_format import api_to_ui  # noqa: E402
-from redi_demo.workflows import EXAMPLES  # noqa: E402
+
+OUT = ROOT / "example_workflows"
+THUMB_PX = 256
+
+
+def write_workflows(info: dict) -> None:
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    keep = set()
+    for name, make in workflows.EXAMPLES.items():
+        api = make()
+        title = workflows.TITLES[name]
+        (OUT / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
+        (OUT / f"{title}.json").write_text(json.dumps(api_to_ui(api, info), indent=1) + "\n")
+        keep |= {f"{title}.json", f"{title}.jpg"}
+        print("wrote", title)
+    for stale in OUT.glob("*.json"):
+        if stale.name not in keep:
+            stale.unlink()
+            print("removed", stale.name)
+
+
+def _tile(paths: list[Path]):
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    cols = 1 if len(images) == 1 else 2
+    rows = -(-len(images) // cols)
+    cell = THUMB_PX // cols
+    sheet = Image.new("RGB", (THUMB_PX, cell * rows), "white")
+    for i, img in enumerate(images):
+        sheet.paste(img.resize((cell, cell), Image.NEAREST), ((i % cols) * cell, (i // cols) * cell))
+    return sheet
+
+
+def write_thumbnails(srv: ComfyServer) -> None:
+    for name, make in workflows.EXAMPLES.items():
+        entry = srv.run(make(), timeout=3600)
+        if entry["status"]["status_str"] != "success":
+            raise SystemExit(f"{name} failed: {json.dumps(srv.error_of(entry))[:2000]}")
+        images = srv.images(entry)
+        if not images:
+            # the KB builder saves no image: show four of the images whose trajectories it stores
+            prompts = workflows.kb_prompts().splitlines()[:4]
+            images = [srv.images(srv.run(workflows.demo_txt2img(p)))[0] for p in prompts]
+        _tile(images[:4]).save(OUT / f"{workflows.TITLES[name]}.jpg", quality=90)
+        print("thumbnail", name)
 
 
 def main() -> None:
-    out = ROOT / "example_workflows"
-    (out / "api").mkdir(parents=True, exist_ok=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--thumbnails", action="store_true", help="also render the .jpg thumbnails (runs every workflow)")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         srv = ComfyServer(Path(tmp), sys.executable)
         srv.start()
         try:
-            info = srv.get("/object_info")
+            write_workflows(srv.get("/object_info"))
+            if args.thumbnails:
+                write_thumbnails(srv)
         finally:
             srv.stop()
-    for name, make in EXAMPLES.items():
-        api = make()
-        (out / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        (out / f"{name}.json").write_text(json.dumps(api_to_ui(api, info), indent=1) + "\n")
-        print("wrote", name)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,25 @@ from pathlib import Path
 import pytest
 
 from redi_demo.workflow_format import ui_to_api
-from redi_demo.workflows import EXAMPLES
+from redi_demo.workflows import EXAMPLES, TITLES
 
 pytestmark = pytest.mark.integration
 WF = Path(__file__).resolve().parents[2] / "example_workflows"
 
 
 def test_every_example_is_listed():
+    assert set(TITLES) == set(EXAMPLES)
     on_disk = {p.stem for p in WF.glob("*.json")}
-    assert on_disk == set(EXAMPLES), "example_workflows/ and redi_demo/workflows.py disagree; run scripts/make_workflows.py"
-    assert {p.stem for p in (WF / "api").glob("*.json")} == on_disk
+    assert on_disk == set(TITLES.values()), "example_workflows/ and redi_demo/workflows.py disagree; run scripts/make_workflows.py"
+    assert {p.stem for p in (WF / "api").glob("*.json")} == set(EXAMPLES)
+    thumbs = {p.stem for p in WF.glob("*.jpg")}
+    assert thumbs == on_disk, "a workflow has no thumbnail: run scripts/make_workflows.py --thumbnails"
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_example_workflow_runs(server, name):
     api = json.loads((WF / "api" / f"{name}.json").read_text())
-    ui = json.loads((WF / f"{name}.json").read_text())
+    ui = json.loads((WF / f"{TITLES[name]}.json").read_text())
     info = server.get("/object_info")
     assert ui_to_api(ui, info) == api, "the UI file does not queue the same graph as the API file; run scripts/make_workflows.py"
     entry = server.run(api)

@@ -1,0 +1,157 @@
+"""The real ComfyUI frontend in headless Chromium, driven through Playwright: load a
+workflow, read what Run would queue, run it and read what the page shows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+PACK = "ComfyUI-ReDi-Accelerate"
+
+# Page-side log of the server's messages, set up once the app has started.
+LISTEN = """() => {
+  window.__redi = [];
+  const api = window.comfyAPI.api.api;
+  for (const type of ["execution_start", "execution_success", "execution_error", "executed", "progress", "redi.report"]) {
+    api.addEventListener(type, (e) => window.__redi.push({ type, detail: e.detail }));
+  }
+}"""
+
+# Every ReDi report box on the canvas: is it shown, and does its text fit without scrolling?
+MEASURE_REPORTS = """() => app.rootGraph.nodes.filter((n) => n.widgets?.some((w) => w.name === "redi_report")).map((n) => {
+  const el = n.widgets.find((w) => w.name === "redi_report").element;
+  const r = el.getBoundingClientRect();
+  return { id: n.id, type: n.type, text: el.value, visible: el.offsetParent !== null && r.height > 0,
+           scrollHeight: el.scrollHeight, clientHeight: el.clientHeight,
+           scrollWidth: el.scrollWidth, clientWidth: el.clientWidth };
+})"""
+
+
+def chromium_path() -> str:
+    """Debian's chromium (scripts/bootstrap.sh installs it); Playwright's own browser download is blocked here."""
+    for cand in (os.environ.get("REDI_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if cand and Path(cand).is_file():
+            return cand
+    raise RuntimeError("no chromium found: run `bash scripts/bootstrap.sh` (installs Debian's chromium) or set REDI_CHROMIUM")
+
+
+class Frontend:
+    def __init__(self, page, base: str, out: Path) -> None:
+        self.page, self.base, self.out = page, base, out
+        self.console: list[str] = []  # console errors and page errors
+        self.failed: list[str] = []  # responses with status >= 400
+        page.on("console", lambda m: self.console.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+    def open(self, timeout_s: float = 120) -> None:
+        self.page.goto(self.base + "/")
+        self.wait_until("() => !!window.app?.rootGraph && !!window.app?.canvas && !!window.comfyAPI?.api?.api", timeout_s)
+        self.page.evaluate(LISTEN)
+        self.page.wait_for_timeout(2000)  # dialogs a start may open
+        self.close_dialogs()
+        assert self.page.locator(".p-dialog").count() == 0, "a dialog stays open over the canvas"
+
+    def wait_until(self, js: str, timeout_s: float = 30, arg=None):
+        """Poll a page-side predicate (Playwright's wait_for_function did not see this app's state)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            value = self.page.evaluate(js, arg)
+            if value:
+                return value
+            time.sleep(0.25)
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {js}; console errors: {self.console[-8:]}")
+
+    def pack_errors(self) -> list[str]:
+        """Console errors and failed requests that come from this pack."""
+        ours = ("redi", PACK.lower())
+        # the frontend itself asks api.comfy.org about every custom node (blocked: no network here)
+        return [m for m in self.console + self.failed
+                if any(k in m.lower() for k in ours) and "api.comfy.org" not in m]
+
+    def load(self, ui: dict, name: str = "workflow") -> None:
+        self.page.evaluate("([wf, name]) => app.loadGraphData(wf, true, true, name)", [ui, name])
+
+    def drop_file(self, text: str, filename: str) -> None:
+        """Drop a workflow file on the canvas, as a user drags it from the file manager."""
+        dt = self.page.evaluate_handle(
+            "([text, name]) => { const dt = new DataTransfer(); dt.items.add(new File([text], name, {type: 'application/json'})); return dt; }",
+            [text, filename])
+        self.page.dispatch_event("#graph-canvas", "drop", {"dataTransfer": dt})
+
+    def prompt(self) -> dict:
+        """The API-format graph that Run would queue, without the frontend's `_meta` titles."""
+        out = self.page.evaluate("async () => (await app.graphToPrompt()).output")
+        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in out.items()}
+
+    def run(self, timeout_s: float = 900) -> dict:
+        """Queue the open workflow like the Run button and wait until it finished; returns the
+        execution_success or execution_error message and every message since queueing."""
+        self.page.evaluate("() => { window.__redi.length = 0; }")
+        self.page.evaluate("() => app.queuePrompt(0, 1)")
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            events = self.page.evaluate("() => window.__redi")
+            if os.environ.get("REDI_BROWSER_DEBUG"):
+                print(time.strftime("%X"), [e["type"] for e in events][-5:], flush=True)
+            done = [e for e in events if e["type"] in ("execution_success", "execution_error")]
+            if done:
+                self.page.wait_for_timeout(300)  # let the page show the outputs
+                return {"end": done[-1], "events": self.page.evaluate("() => window.__redi")}
+            time.sleep(0.5)
+        raise AssertionError(f"the workflow did not finish within {timeout_s}s")
+
+    def shown_images(self) -> dict[str, int]:
+        """node id -> how many output images the page shows (loaded <img> elements) on it."""
+        return self.page.evaluate("""() => Object.fromEntries(app.rootGraph.nodes
+            .filter((n) => n.imgs?.length)
+            .map((n) => [String(n.id), n.imgs.filter((i) => i.complete && i.naturalWidth > 0).length]))""")
+
+    def wait_images(self, node_ids: list[str], timeout_s: float = 20) -> dict[str, int]:
+        deadline = time.time() + timeout_s
+        shown: dict[str, int] = {}
+        while time.time() < deadline:
+            shown = self.shown_images()
+            if all(shown.get(i, 0) > 0 for i in node_ids):
+                break
+            time.sleep(0.3)
+        return shown
+
+    def frame(self, node_ids: list[int] | None = None, scale: float = 1.0) -> None:
+        """Show the given nodes (default: the whole graph) at `scale`, from the top left of the canvas."""
+        self.page.evaluate("""([ids, scale]) => {
+            const nodes = app.rootGraph.nodes.filter((n) => !ids || ids.includes(n.id));
+            const x = Math.min(...nodes.map((n) => n.pos[0])), y = Math.min(...nodes.map((n) => n.pos[1]));
+            const ds = app.canvas.ds; ds.scale = scale; ds.offset[0] = 40 / scale - x; ds.offset[1] = 150 / scale - y;
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        }""", [node_ids, scale])
+        self.page.wait_for_timeout(500)  # DOM widgets follow the canvas on the next frames
+
+    def reports(self) -> list[dict]:
+        return self.page.evaluate(MEASURE_REPORTS)
+
+    def screenshot(self, name: str) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def dialog_text(self, timeout_s: float = 30) -> str:
+        loc = self.page.locator(".p-dialog").last
+        loc.wait_for(state="visible", timeout=timeout_s * 1000)
+        return loc.inner_text()
+
+    def close_dialogs(self) -> None:
+        """Close every open dialog with its close button (the template browser of a first start too)."""
+        for _ in range(4):
+            dialogs = self.page.locator(".p-dialog")
+            if dialogs.count() == 0:
+                return
+            close = self.page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']")
+            if close.count():
+                close.last.click(timeout=5000)
+            else:
+                self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(400)
