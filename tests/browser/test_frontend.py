@@ -25,7 +25,7 @@ INT_CONTROLS = {
     ("ReDiKSampler", "seed"): True, ("ReDiKSampler", "steps"): False,
     ("ReDiKSampler", "key_step"): False, ("ReDiKSampler", "value_step"): False, ("ReDiKSampler", "neighbours"): False,
     ("ReDiSampler", "key_step"): False, ("ReDiSampler", "value_step"): False, ("ReDiSampler", "neighbours"): False,
-    ("ReDiFeatureReuse", "interval"): False,
+    ("ReDiFeatureReuse", "interval"): False, ("ReDiFeatureReuse", "order"): False,
 }
 
 
