@@ -80,8 +80,17 @@ class Support:
         shutil.rmtree(path, ignore_errors=True)
         self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, CFG, 64, 64,
                                len(self.kb_prompts), "fixed", SEED, (K, V))
-        kb = self.KnowledgeBase.load(path, check_hash=False)
-        shutil.rmtree(path, ignore_errors=True)
+        kb = self.KnowledgeBase.open(path)  # format 2 reads rows on demand: the folder is removed after the queries
+        try:
+            self._queries(kb, sampler, scheduler, row)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        ok = all(row[r]["psnr"] >= PSNR_MIN and abs(row[r]["acc_redi"] - row[r]["acc_full"]) * 100 <= ACC_POINTS for r in ("same", "new"))
+        row.update(verdict="works" if ok else "FAILS", seconds=time.perf_counter() - t0)
+        return row
+
+    def _queries(self, kb, sampler: str, scheduler: str, row: dict) -> None:
+        """ReDi against the full run at the KB's seed and at new seeds; fills row[regime] and row["items"]."""
         ph = self.cs.Phases(self.model, STEPS, CFG, sampler, scheduler, self.negative, preview=False)
         n = len(self.samples)
         latent = torch.zeros((n, 4, 8, 8))
@@ -111,9 +120,7 @@ class Support:
                               "psnr": float(p_off[b]), "accepted": bool(on.accepted[b])})
             row[regime] = {"psnr": float(np.mean(p_on)), "psnr_guard_off": float(np.mean(p_off)), "acc_full": acc["full"],
                            "acc_redi": acc["redi"], "acc_redi_guard_off": acc["redi_off"], "rejected": len(rej), "n": n}
-        ok = all(row[r]["psnr"] >= PSNR_MIN and abs(row[r]["acc_redi"] - row[r]["acc_full"]) * 100 <= ACC_POINTS for r in ("same", "new"))
-        row.update(verdict="works" if ok else "FAILS", items=items, seconds=time.perf_counter() - t0)
-        return row
+        row["items"] = items
 
 
     def restart(self, sampler: str, scheduler: str = "normal") -> list[float]:
