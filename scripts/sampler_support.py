@@ -50,7 +50,8 @@ class Support:
         host.load_pack()
         self.cs = importlib.import_module("redi_accelerate.nodes.comfy_sampling")
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
-        from kb_tools.errors import KBError
+        # the nodes raise the pack's own KBError (the pack is imported as redi_accelerate)
+        KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
         from kb_tools.knowledge_base import KnowledgeBase
         from kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve
 
