@@ -90,7 +90,8 @@ def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
     g = demo_txt2img(prompt, seed)
     g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
         "model": ["1", 0], "interval": 2, "start_percent": 0.0, "end_percent": 1.0, "blocks": "all",
-        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.5}}
+        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.5,
+        "order": 0, "schedule": "fixed", "threshold": 0.15}}
     g["5"]["inputs"]["model"] = ["14", 0]
     g["9"]["inputs"]["filename_prefix"] = "feature_reuse"
     return g
