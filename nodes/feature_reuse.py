@@ -189,7 +189,7 @@ class ReDiFeatureReuse(io.ComfyNode):
         for name, index in dit:
             m.set_model_patch_replace(CachedDiTBlock(state, f"{name}.{index}", unwrap(earlier.get((name, index)))), "dit", name, index)
         wrappers = _Wrappers(state, m.get_model_object("model_sampling"))
-        wrappers.report_node = cls.hidden.unique_id
+        wrappers.report_node = kb_types.node_id_of(cls)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, wrappers.outer_sample)
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrappers.diffusion_model)
         return io.NodeOutput(m)

@@ -73,3 +73,9 @@ def send_report(node_id: str | None, lines: list[str]) -> None:
     server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
     if server is not None:
         server.send_sync("redi.report", {"node": node_id, "lines": list(lines)}, server.client_id)
+
+
+def node_id_of(node_cls) -> str | None:
+    """The executing node's id, or None when the node is called outside ComfyUI's executor (in-process tests)."""
+    hidden = getattr(node_cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None

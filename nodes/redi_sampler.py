@@ -114,5 +114,5 @@ class ReDiSampler(io.ComfyNode):
         ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
         impl = ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
                                max_residual, content_positive, max_weight_deviation)
-        impl.report_node = cls.hidden.unique_id  # its report is shown on this node after sampling
+        impl.report_node = kb_types.node_id_of(cls)  # its report is shown on this node after sampling
         return io.NodeOutput(impl)

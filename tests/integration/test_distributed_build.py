@@ -266,6 +266,7 @@ def test_worker_killed_mid_build(servers, reference, tmp_path):
         killer.join(timeout=5)
     assert killed.is_set(), lines
     assert any(victim.base in ln and "requeued" in ln for ln in lines), lines
-    assert coord.sched.stats[victim.base].state == "retired"
+    # the build may finish on the other worker before the dead one has failed often enough to be retired
+    assert coord.sched.stats[victim.base].failures >= 1, coord.sched.stats[victim.base]
     kb = KnowledgeBase.load(out, check_hash=True)
     _assert_equal_prefix(kb, reference, 24)
