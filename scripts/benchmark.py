@@ -161,10 +161,9 @@ def faiss_timing(kb, sizes: list[int], step: int = 4, queries: int = 64) -> list
     return rows
 
 
-def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
-    """Wall time of FeatureReuse vs unpatched on an SD1.5-size UNet (random weights)."""
+def sd15_patcher():
+    """An SD1.5-architecture UNet with random weights, for the speed rows only."""
     import comfy.model_patcher
-    import comfy.sample
     import comfy.supported_models
 
     cfg = comfy.supported_models.SD15({
@@ -177,7 +176,14 @@ def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
     torch.manual_seed(0)
     base = cfg.get_model({})
     init_weights(base.diffusion_model)
-    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+
+
+def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
+    """Wall time of FeatureReuse vs unpatched on an SD1.5-size UNet (random weights)."""
+    import comfy.sample
+
+    patcher = sd15_patcher()
     ctx = [[torch.randn(1, 77, 768) * 0.1, {}]]
     lat = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(lat, 0)

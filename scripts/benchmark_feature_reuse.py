@@ -40,8 +40,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark as B  # noqa: E402
 
-from redi_demo.train import init_weights  # noqa: E402
-
 STEPS = B.STEPS
 FULL = f"full {STEPS} steps"  # the row benchmark.Bench.record takes as the reference
 PARTS = "input,middle,output"
@@ -122,23 +120,6 @@ def slot_flops(per_module: dict[str, float], slot: str) -> float:
 
 
 # --- the SD1.5-size UNet -------------------------------------------------------------------
-def sd15_patcher():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    cfg = comfy.supported_models.SD15({
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-        "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-        "use_temporal_resblock": False, "use_temporal_attention": False,
-    })
-    torch.manual_seed(0)
-    base = cfg.get_model({})
-    init_weights(base.diffusion_model)
-    return comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
-
-
 class CallTimer:
     """Outermost DIFFUSION_MODEL wrapper: CPU and wall time of each call, with FeatureReuse's mode."""
 
@@ -158,7 +139,7 @@ def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: d
     import comfy.patcher_extension as pe
     import comfy.sample
 
-    patcher = sd15_patcher()
+    patcher = B.sd15_patcher()
     ctx = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)) * 0.1, {}]]
     lat = torch.zeros(1, 4, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(lat, 0)
@@ -276,7 +257,7 @@ def main() -> None:
     dm = b.model.model.diffusion_model
     ctx = b.conds[0][0][0][:1].repeat(2, 1, 1)
     demo_flops = block_flops(dm, torch.randn(2, 4, 8, 8), ctx)
-    sd15 = sd15_patcher()
+    sd15 = B.sd15_patcher()
     size = args.sd15_size // 8
     sd15_flops = block_flops(sd15.model.diffusion_model, torch.randn(2, 4, size, size), torch.randn(2, 77, 768) * 0.1)
     sd15_slots = [p for _, p, _ in fr.find_blocks(sd15.model.diffusion_model, "all", set(PARTS.split(",")))]
