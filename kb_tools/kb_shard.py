@@ -23,11 +23,26 @@ from .errors import KBError
 from .kb_format import MAX_ABS_VALUE, SHARD_RE, Entry, Header, ShardRec, safe_file, sha256_file
 
 MAX_SHARD_HEADER = 64 << 20  # entry metadata of a bounded shard stays far below
+MAX_ENTRY_BYTES = 1 << 20  # one entry's JSON (a prompt of a million characters is not a prompt)
+# Entries are stored as tensors (ENTRY_LAYOUT in the header's metadata); shards written before
+# that hold them as one JSON string in the header and are still read (parsed whole on first use).
+ENTRY_LAYOUT = "tensors-1"
+ENTRY_DATA, ENTRY_OFFSETS, ENTRY_CRCS = "entries.json", "entries.offsets", "crc.entries"
 _ST_DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32)}
 
 
 def tensor_names(header: Header) -> list[str]:
     return [f"{k}.{s}" for s in header.fingerprint.stored_steps for k in ("x", "d")]
+
+
+def entry_tensors(entries: list[Entry]) -> dict[str, np.ndarray]:
+    """The entries as one JSON object each, concatenated, with their offsets and a crc32 per
+    entry, so a query reads and checks only its neighbours' entries."""
+    blobs = [json.dumps({"prompt": e.prompt, "seed": int(e.seed), "pos": int(e.pos)}).encode() for e in entries]
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    return {ENTRY_DATA: np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), ENTRY_OFFSETS: offsets,
+            ENTRY_CRCS: np.array([zlib.crc32(b) for b in blobs], dtype=np.uint32)}
 
 
 def row_crcs(arr: np.ndarray) -> np.ndarray:
@@ -62,9 +77,9 @@ def write_shard(kb_dir: Path, name: str, header: Header, x: dict[int, np.ndarray
             stored = np.ascontiguousarray(arr, dtype=st_dtype)
             tensors[f"{key}.{s}"] = stored
             tensors[f"crc.{key}.{s}"] = row_crcs(stored)
-    meta = {"entries": json.dumps([{"prompt": e.prompt, "seed": int(e.seed), "pos": int(e.pos)} for e in entries])}
+    tensors.update(entry_tensors(entries))
     path = Path(kb_dir) / name
-    write_atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    write_atomic(path, lambda p: save_file(tensors, str(p), metadata={"entries_layout": ENTRY_LAYOUT}))
     reader = ShardFile(path, ShardRec(name, n, -1, "", ""), header, check_head=False)
     head = reader.head_sha
     reader.close()
@@ -129,10 +144,25 @@ class ShardFile:
         self.row_bytes = int(np.prod(self.row_shape)) * np.dtype(st_dtype).itemsize
         self.dtype = st_dtype
         self.offsets: dict[str, int] = {}
+        md = meta.get("__metadata__")
+        if not isinstance(md, dict):
+            raise self._bad("its metadata is missing")
+        self.entry_tensors = md.get("entries_layout") == ENTRY_LAYOUT
+        if not self.entry_tensors and not isinstance(md.get("entries"), str):
+            raise self._bad("its entry metadata is missing")
         expected = {}
         for t in tensor_names(header):
             expected[t] = (st_name, [count, *fp.latent_shape], np.dtype(st_dtype).itemsize)
             expected[f"crc.{t}"] = ("U32", [count], 4)
+        if self.entry_tensors:
+            info = meta.get(ENTRY_DATA)
+            shape = info.get("shape") if isinstance(info, dict) else None
+            nbytes = shape[0] if isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int else -1
+            if not 0 < nbytes <= min(data_size, count * MAX_ENTRY_BYTES):
+                raise self._bad(f"tensor {ENTRY_DATA} has shape {str(shape)[:40]}, not the bytes of {count} entries")
+            expected[ENTRY_DATA] = ("U8", [nbytes], 1)
+            expected[ENTRY_OFFSETS] = ("I64", [count + 1], 8)
+            expected[ENTRY_CRCS] = ("U32", [count], 4)
         extra = set(meta) - set(expected) - {"__metadata__"}
         if extra:
             raise self._bad(f"it holds unexpected tensors {sorted(extra)[:5]}")
@@ -153,21 +183,58 @@ class ShardFile:
             b = os.pread(self.fd, 4 * count, self.offsets[f"crc.{t}"])
             crc_bytes += b
             self.crcs[t] = np.frombuffer(b, dtype="<u4")
+        if self.entry_tensors:
+            # the entry offsets and checksums are covered by the head checksum like the row checksums
+            ob = os.pread(self.fd, 8 * (count + 1), self.offsets[ENTRY_OFFSETS])
+            cb = os.pread(self.fd, 4 * count, self.offsets[ENTRY_CRCS])
+            crc_bytes += ob + cb
+            self.entry_offsets = np.frombuffer(ob, dtype="<i8")
+            self.entry_crcs = np.frombuffer(cb, dtype="<u4")
+            lens = np.diff(self.entry_offsets)
+            if self.entry_offsets[0] != 0 or self.entry_offsets[-1] != expected[ENTRY_DATA][1][0] or (lens <= 0).any() \
+                    or (lens > MAX_ENTRY_BYTES).any():
+                raise self._bad("its entry offsets are not increasing within the entry data")
         self.head_sha = hashlib.sha256(head + crc_bytes).hexdigest()
         if check_head and self.head_sha != self.rec.head_sha:
             raise self._bad("its header or row checksums do not match the KB's log (the file was changed or swapped)")
-        md = meta.get("__metadata__")
-        if not isinstance(md, dict) or not isinstance(md.get("entries"), str):
-            raise self._bad("its entry metadata is missing")
-        self._head = (8, n)  # where the header lies, to re-read the entries when needed
+        self._head = (8, n)  # where the header lies, to re-read header-held entries when needed
         self._entries: list[Entry] | None = None
+
+    def _entry_from(self, raw: bytes, i: int) -> Entry:
+        if zlib.crc32(raw) != int(self.entry_crcs[i]):
+            raise KBError(f"{self.name}: entry {i} does not match its checksum (the file is damaged); rebuild the KB or re-copy {self.name}")
+        try:
+            e = json.loads(raw)
+            assert isinstance(e, dict) and isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e["pos"]) is int
+        except (KeyError, TypeError, ValueError, AssertionError, UnicodeDecodeError) as err:
+            raise self._bad(f"entry {i} is not an object with prompt, seed and pos") from err
+        return Entry(e["prompt"], e["seed"], e["pos"])
+
+    def entry(self, i: int) -> Entry:
+        """Entry `i` (local); with entry tensors only its own bytes are read."""
+        if not self.entry_tensors:
+            return self.entries[i]
+        self._ensure_open()
+        a, b = int(self.entry_offsets[i]), int(self.entry_offsets[i + 1])
+        raw = os.pread(self.fd, b - a, self.offsets[ENTRY_DATA] + a)
+        if len(raw) != b - a:
+            raise self._bad(f"entry {i} is truncated")
+        return self._entry_from(raw, i)
 
     @property
     def entries(self) -> list[Entry]:
-        """The shard's entries, parsed on first use (queries need only their neighbours' prompts)."""
+        """Every entry of the shard, parsed on first use (queries need only their neighbours' prompts)."""
         if self._entries is None:
             count = self.rec.count
             self._ensure_open()
+            if self.entry_tensors:
+                size = int(self.entry_offsets[-1])
+                raw = os.pread(self.fd, size, self.offsets[ENTRY_DATA])
+                if len(raw) != size:
+                    raise self._bad("its entry data is truncated")
+                offs = self.entry_offsets
+                self._entries = [self._entry_from(raw[offs[i] : offs[i + 1]], i) for i in range(count)]
+                return self._entries
             head = os.pread(self.fd, self._head[1], self._head[0])
             try:
                 ents = json.loads(json.loads(head)["__metadata__"]["entries"])
@@ -181,19 +248,20 @@ class ShardFile:
     def drop_entries(self) -> None:
         self._entries = None
 
-    def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
-        """Rows `idx` (local) of tensor "x.{s}"/"d.{s}" as float32, each checked against its crc."""
+    def raw_row(self, tensor: str, i: int) -> bytes:
+        """Row `i` (local) of tensor "x.{s}"/"d.{s}" as stored bytes, checked against its crc."""
         self._ensure_open()
-        base, rb, crcs = self.offsets[tensor], self.row_bytes, self.crcs[tensor]
-        buf = bytearray(rb * len(idx))
-        for j, i in enumerate(idx):
-            i = int(i)
-            raw = os.pread(self.fd, rb, base + i * rb)
-            if len(raw) != rb or zlib.crc32(raw) != int(crcs[i]):
-                raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
-                              f"rebuild the KB or re-copy {self.name}")
-            buf[j * rb : (j + 1) * rb] = raw
-        out = np.frombuffer(buf, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
+        rb = self.row_bytes
+        raw = os.pread(self.fd, rb, self.offsets[tensor] + i * rb)
+        if len(raw) != rb or zlib.crc32(raw) != int(self.crcs[tensor][i]):
+            raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
+                          f"rebuild the KB or re-copy {self.name}")
+        return raw
+
+    def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
+        """Rows `idx` (local) of a tensor as float32, each checked against its crc."""
+        raw = b"".join(self.raw_row(tensor, int(i)) for i in idx)
+        out = np.frombuffer(raw, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
         check_values(out, f"{self.name}, tensor {tensor}")
         return out
 
@@ -246,6 +314,11 @@ class ShardCache:
         while len(self._open) > self.size:
             self._parsed[self._open.popitem(last=False)[0]].close()
         return sf
+
+    def entry(self, rec: ShardRec, i: int) -> Entry:
+        """Entry `i` (local) of a shard: read alone, or from the shard's parsed list (old layout)."""
+        sf = self.get(rec)
+        return sf.entry(i) if sf.entry_tensors else self.entries(rec)[i]
 
     def entries(self, rec: ShardRec) -> list[Entry]:
         sf = self.get(rec)

@@ -118,16 +118,23 @@ class KnowledgeBase:
     def _rows(self, tensor: str, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         last = self._last_rows
-        if last is not None and last[0] == tensor and len(ids) and np.isin(ids, last[1]).all():
-            return last[2][np.searchsorted(last[1], ids)]  # the blend re-uses the re-rank's full keys
+        if last is not None and last[0] == tensor and len(ids):
+            at = np.searchsorted(last[1], ids).clip(max=len(last[1]) - 1)
+            if (last[1][at] == ids).all():
+                return last[2][at]  # the blend re-uses the re-rank's full keys
         if len(ids) and (ids.min() < 0 or ids.max() >= self._count):
             raise KBError(f"entry ids {ids.tolist()[:5]} are outside 0..{self._count - 1} of KB {self.name}")
-        out = np.empty((len(ids), *self.fingerprint.latent_shape), dtype=np.float32)
+        if not len(ids):
+            return np.empty((0, *self.fingerprint.latent_shape), dtype=np.float32)
         shard_of = np.searchsorted(self._firsts, ids, side="right") - 1
-        for sh in np.unique(shard_of):
+        parts, dtype = [], None
+        for i, sh in zip(ids.tolist(), shard_of.tolist()):
             rec = self.state.shards[sh]
-            sel = np.flatnonzero(shard_of == sh)
-            out[sel] = self._shards.get(rec).rows(tensor, ids[sel] - rec.first)
+            sf = self._shards.get(rec)
+            parts.append(sf.raw_row(tensor, i - rec.first))
+            dtype = sf.dtype
+        out = np.frombuffer(b"".join(parts), dtype=dtype).astype(np.float32).reshape(len(ids), *self.fingerprint.latent_shape)
+        check_values(out, f"KB {self.name}, tensor {tensor}")
         return out
 
     def entry(self, i: int) -> Entry:
@@ -135,7 +142,7 @@ class KnowledgeBase:
             raise IndexError(i)
         sh = int(np.searchsorted(self._firsts, i, side="right") - 1)
         rec = self.state.shards[sh]
-        return self._shards.entries(rec)[i - rec.first]
+        return self._shards.entry(rec, i - rec.first)
 
     def values(self, space: str, step: int, ids) -> np.ndarray:
         """The stored latents ("latent") or denoised estimates ("denoised") at `step` for `ids`."""
@@ -211,6 +218,8 @@ class KnowledgeBase:
         check_values(q, "the query latent")
         n = max(1, min(int(n), self._count))
         cand_n = max(n, int(rerank if rerank is not None else self.rerank))
+        if self.header.pool == 1 and rerank is None:
+            cand_n = n  # the reduced keys are the stored full keys: a re-rank would find the same order
         reduced = kb_index.reduce_keys(q, self.fingerprint.latent_shape, self.header.pool)
         _, cand = kb_index.search(self.index(space, step), reduced, cand_n)
         uniq = np.unique(cand[cand >= 0])

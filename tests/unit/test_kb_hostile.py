@@ -215,3 +215,33 @@ def test_a_refused_shard_never_closes_a_reused_descriptor(kb_dir, tmp_path):
         other.write(b"still open")
         other.flush()
         os.fstat(other.fileno())
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["entries.json"].update(shape=[1 << 40]), "not the bytes of 3 entries"),
+    (lambda m: m["entries.offsets"].update(shape=[3]), "entries.offsets is"),
+    (lambda m: m.update({"extra": m["crc.entries"]}), "unexpected tensors"),
+])
+def test_hostile_entry_tensors_are_refused_before_allocating(kb_dir, edit, needle):
+    shard = kb_dir / "shard_000000.safetensors"
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + n])
+    edit(meta)
+    head = json.dumps(meta).encode()
+    shard.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n :])
+    with pytest.raises(KBError, match=needle):
+        KnowledgeBase.open(kb_dir).entries[0]
+
+
+def test_entry_offsets_that_go_backwards_are_refused(kb_dir):
+    kb = KnowledgeBase.open(kb_dir)
+    sf = kb._shards.get(kb.state.shards[0])
+    at = sf.offsets["entries.offsets"] + 8  # offsets[1]
+    kb.close()
+    shard = kb_dir / "shard_000000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[at : at + 8] = struct.pack("<q", -5)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(KBError, match="entry offsets are not increasing"):
+        KnowledgeBase.open(kb_dir).entries[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kb_tools import builder, kb_format, kb_index, kb_writer
+from kb_tools import builder, kb_format, kb_index, kb_shard, kb_writer
 from kb_tools.errors import KBError
 from kb_tools.kb_format import Entry
 from kb_tools.kb_upgrade import upgrade
@@ -218,3 +218,42 @@ def test_shard_cache_reopens_closed_shards_and_refuses_a_replaced_one(tmp_path):
     os.replace(tmp_path / "copy", shard)
     with pytest.raises(KBError, match="shard_000000.safetensors was replaced or changed"):
         kb.values("latent", 2, [0])
+
+
+def test_an_entry_is_read_alone_and_a_damaged_one_is_refused_when_read(tmp_path):
+    kb_dir = tmp_path / "kb"
+    builder.build(kb_dir, fingerprint(), [f"prompt {i}" for i in range(5)], 5, fake_run_batch())
+    kb = KnowledgeBase.open(kb_dir)
+    sf = kb._shards.get(kb.state.shards[0])
+    assert sf.entry_tensors and sf._entries is None
+    assert kb.entries[3].prompt == "prompt 3" and sf._entries is None  # one entry read, the list never parsed
+    off = sf.offsets[kb_shard.ENTRY_DATA] + int(sf.entry_offsets[2]) + 12  # a byte inside entry 2's prompt
+    kb.close()
+    shard = kb_dir / "shard_000000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[off] ^= 0x01
+    shard.write_bytes(bytes(data))
+    kb = KnowledgeBase.open(kb_dir)
+    assert [kb.entries[i].prompt for i in (0, 1, 3, 4)] == ["prompt 0", "prompt 1", "prompt 3", "prompt 4"]
+    with pytest.raises(KBError, match=r"shard_000000.safetensors: entry 2 does not match its checksum"):
+        kb.entries[2]
+    with pytest.raises(KBError, match="shard_000000.*checksum"):
+        validate_kb(kb_dir)
+
+
+def test_shards_with_entries_in_the_header_still_read(tmp_path):
+    """Shards written before entries became tensors hold them as JSON in the header."""
+    header = kb_format.Header(fingerprint(), "float16", 1, 64)
+    tensors = {}
+    for s in (2, 4, 6):
+        for k in ("x", "d"):
+            arr = np.full((3, *SHAPE), s, np.float16)
+            tensors[f"{k}.{s}"], tensors[f"crc.{k}.{s}"] = arr, kb_shard.row_crcs(arr)
+    path = tmp_path / "shard_000000.safetensors"
+    meta = {"entries": json.dumps([{"prompt": f"old {i}", "seed": 7, "pos": i} for i in range(3)])}
+    save_file(tensors, str(path), metadata=meta)
+    sf = kb_shard.ShardFile(path, kb_format.ShardRec(path.name, 3, 0, "", ""), header, check_head=False)
+    assert not sf.entry_tensors
+    assert sf.entry(1) == kb_format.Entry("old 1", 7, 1) and [e.prompt for e in sf.entries] == ["old 0", "old 1", "old 2"]
+    assert sf.rows("x.4", [2]).tolist() == np.full((1, *SHAPE), 4.0).tolist()
+    sf.close()
