@@ -28,6 +28,7 @@ import latent_preview
 import numpy as np
 import torch
 
+from ..kb_tools import noise_levels
 from ..kb_tools.errors import KBError
 from ..kb_tools.redi_loop import KeyState
 
@@ -163,6 +164,17 @@ def sampler_problem(sampler: str) -> bool | str:
     except KBError as e:
         return str(e)
     return True
+
+
+def check_steps(model, sigmas: torch.Tensor, key_step: int, value_step: int, scheduler: str) -> None:
+    """Refuse key/value steps whose noise level this schedule makes unusable (kb_tools/noise_levels.py)."""
+    import comfy.model_sampling
+
+    flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    problem = noise_levels.step_problem(sigmas.float().cpu().tolist(), key_step, value_step, flow,
+                                        f"the {scheduler} scheduler at {len(sigmas) - 1} steps")
+    if problem:
+        raise KBError(f"key/value steps: {problem}")
 
 
 def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor:

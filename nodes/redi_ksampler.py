@@ -87,6 +87,7 @@ class ReDiKSampler(io.ComfyNode):
         counter = NFECounter()
         counted = counter.attach(model)
         phases = comfy_sampling.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
+        comfy_sampling.check_steps(model, phases.sigmas, params.key_step, params.value_step, scheduler)
         noise = comfy.sample.prepare_noise(latent, seed)
         state = phases.key_phase(content_positive if content_positive is not None else positive, latent, noise, seed, params.key_step)
         key_calls = counter.calls

@@ -70,13 +70,21 @@ class Support:
     def _decode(self, latent: torch.Tensor) -> np.ndarray:
         return (self.vae.decode(latent).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
-    def pair(self, sampler: str, scheduler: str) -> dict:
-        t0 = time.perf_counter()
-        row = {"sampler": sampler, "scheduler": scheduler}
+    def refusal(self, sampler: str, scheduler: str) -> str | None:
+        """The pack's refusal of this pair at k=K, v=V (sampler, then the schedule's noise levels), or None."""
         try:
             self.cs.check_sampler(sampler)
+            self.cs.check_steps(self.model, self.cs.ksampler_sigmas(self.model, sampler, scheduler, STEPS), K, V, scheduler)
         except self.KBError as e:
-            return {**row, "verdict": "refused", "message": str(e), "seconds": 0.0}
+            return str(e)
+        return None
+
+    def pair(self, sampler: str, scheduler: str, measure_refused: bool = False) -> dict:
+        t0 = time.perf_counter()
+        row = {"sampler": sampler, "scheduler": scheduler}
+        refused = self.refusal(sampler, scheduler)
+        if refused and not measure_refused:
+            return {**row, "verdict": "refused", "message": refused, "seconds": 0.0}
         path = self.out / "kb" / f"{sampler}__{scheduler}"
         shutil.rmtree(path, ignore_errors=True)
         self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, CFG, 64, 64,
@@ -88,6 +96,8 @@ class Support:
             shutil.rmtree(path, ignore_errors=True)
         ok = all(row[r]["psnr"] >= PSNR_MIN and abs(row[r]["acc_redi"] - row[r]["acc_full"]) * 100 <= ACC_POINTS for r in ("same", "new"))
         row.update(verdict="works" if ok else "FAILS", seconds=time.perf_counter() - t0)
+        if refused:
+            row.update(measured=row["verdict"], verdict="refused", message=refused)
         return row
 
     def _queries(self, kb, sampler: str, scheduler: str, row: dict) -> None:
@@ -150,7 +160,7 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
     by = {(r["sampler"], r["scheduler"]): r for r in rows}
     lines = ["| sampler | scheduler | verdict | KB's seed: PSNR, acc ReDi vs full | new seeds: PSNR, acc ReDi vs full |", "|---|---|---|---|---|"]
     for s in samplers:
-        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused"), None)
+        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and "sampler" in r["message"][:12]), None)
         if refused:
             lines.append(f"| {s} | all | refused | {refused['message'].split(';')[0]} | |")
             continue
@@ -158,6 +168,12 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
             r = by.get((s, sch))
             if r is None:
                 lines.append(f"| {s} | {sch} | not measured | | |")
+            elif r["verdict"] == "refused":
+                why = "refused: " + r["message"].split(" (")[0].replace("key/value steps: ", "") + " (see below)"
+                if "same" in r:
+                    lines.append(f"| {s} | {sch} | {why}; measured anyway: {r.get('measured')} | {cell(r, 'same')} | {cell(r, 'new')} |")
+                else:
+                    lines.append(f"| {s} | {sch} | {why} | | |")
             else:
                 lines.append(f"| {s} | {sch} | {r['verdict']} | {cell(r, 'same')} | {cell(r, 'new')} |")
     return "\n".join(lines)
@@ -188,6 +204,7 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "docs" / "sampler_support.md"))
     ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--measure-refused", action="store_true", help="measure pairs the step check refuses too (the calibration)")
     ap.add_argument("--restart", action="store_true",
                     help="only measure each sampler's finish from v on the query's own trajectory (no KB, normal scheduler)")
     args = ap.parse_args()
@@ -214,14 +231,24 @@ def main() -> None:
             f = out / "pairs" / f"{s}__{sch}.json"
             if f.is_file():
                 continue
-            row = sup.pair(s, sch)
+            row = sup.pair(s, sch, args.measure_refused)
             f.write_text(json.dumps(row))
-            if row["verdict"] == "refused":
-                print(f"{s:28s} refused: {row['message'][:90]}", flush=True)
-                break
+            if row["verdict"] == "refused" and "same" not in row:
+                print(f"{s:28s} {sch:16s} refused: {row['message'][:90]}", flush=True)
+                if row["message"].startswith("sampler"):
+                    break  # the whole sampler is refused
+                continue
             print(f"{s:28s} {sch:16s} {row['verdict']:6s} same {cell(row, 'same'):34s} new {cell(row, 'new'):34s} "
                   f"({row['seconds']:.0f}s)", flush=True)
-    rows = [json.loads(f.read_text()) for f in sorted((out / "pairs").glob("*.json"))]
+    rows = []
+    for f in sorted((out / "pairs").glob("*.json")):
+        row = json.loads(f.read_text())
+        refused = sup.refusal(row["sampler"], row["scheduler"])
+        if refused and row["verdict"] != "refused":  # measured before the pack refused it
+            row.update(measured=row["verdict"], verdict="refused", message=refused)
+        elif not refused and row["verdict"] == "refused":
+            continue  # no longer refused: measure it again
+        rows.append(row)
     items = [i for r in rows for i in r.get("items", [])]
     (out / "guard_items.json").write_text(json.dumps(items))
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "

@@ -102,3 +102,17 @@ def test_other_negative_prompt_refused(server, euler_kb):
     g["3"]["inputs"]["text"] = "blurry, noisy"
     g["6"]["inputs"]["negative"] = ""  # the KB keeps its own (empty) negative prompt
     _expect_error(server, g, "negative: the negative conditioning differs")
+
+
+def test_value_step_with_too_little_noise_left_is_refused_with_the_steps_to_use(server):
+    """karras at 20 steps leaves noise ratio 1.09 at step 10 (the finish keeps the neighbours' content,
+    measured by scripts/sampler_support.py): refused on the node, naming the value steps that work."""
+    g = redi_only("kb15_karras")
+    g["6"]["inputs"].update({"scheduler": "karras", "prompts": "\n".join(KB_PROMPTS[:2]), "stored_steps": "4,9,10"})
+    g["7"]["inputs"]["scheduler"] = "karras"
+    msg = _expect_error(server, g, "key/value steps:", "value step 10", "karras scheduler at 20 steps", "value step of at most 9")
+    assert "Traceback" not in msg
+    g["7"]["inputs"]["value_step"] = 9
+    entry = server.run(g, timeout=TIMEOUT)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    assert any("skipped 5 of 20 steps" in ln for ln in _report(entry)), _report(entry)
