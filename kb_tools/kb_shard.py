@@ -303,11 +303,15 @@ class ShardCache:
         self._open: OrderedDict[str, None] = OrderedDict()
         self._with_entries: OrderedDict[str, None] = OrderedDict()
 
-    def get(self, rec: ShardRec) -> ShardFile:
+    def get(self, rec: ShardRec, keep_open: bool = True) -> ShardFile:
         sf = self._parsed.get(rec.file)
         if sf is None:
             sf = ShardFile(safe_file(self.kb_dir, rec.file, SHARD_RE), rec, self.header)
             self._parsed[rec.file] = sf
+        if not keep_open:
+            if rec.file not in self._open:
+                sf.close()
+            return sf
         sf._ensure_open()
         self._open[rec.file] = None
         self._open.move_to_end(rec.file)

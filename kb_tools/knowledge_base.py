@@ -207,7 +207,16 @@ class KnowledgeBase:
             else:
                 idx = kb_index.flat_index(keys)
             self._indexes[key] = idx
+            self._parse_shards()
         return self._indexes[key]
+
+    def _parse_shards(self) -> None:
+        """Check every shard's header and row checksums against the log once (about 100 KB per
+        4,096 entries), so that later queries read nothing but their rows."""
+        for rec in self.state.shards:
+            if rec.first >= self._count:
+                break
+            self._shards.get(rec, keep_open=False)
 
     def search(self, space: str, step: int, queries: np.ndarray, n: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The `n` nearest entries of each query by exact L2 on full keys: (distances, ids), B x n.
