@@ -22,6 +22,7 @@ from .blend import blend, lstsq_weights
 from .errors import KBError
 from .kb_format import KEY_SPACES
 from .knowledge_base import KnowledgeBase
+from .noise_levels import NoiseLevels
 
 # The quality guard's defaults, calibrated on the demo model (scripts/sampler_support.py --calibrate,
 # README "Quality guard"); each 0 disables its check.
@@ -88,6 +89,7 @@ class Retrieval:
     x_v: np.ndarray  # B x C x H x W start latents for accepted items (rows of rejected items are unused)
     accepted: np.ndarray  # B bools
     reports: list[ItemReport]
+    noise_note: str | None = None  # how the schedule's noise levels tightened the guard, for the report
 
     def starts(self, state: KeyState, params: ReDiParams):
         """(start step, item indices, their start latents) for the finish phase: accepted items
@@ -98,8 +100,11 @@ class Retrieval:
                 yield start, idx, src[idx]
 
 
-def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: float) -> Retrieval:
-    """Find each item's neighbours at the key step and blend their values at the value step."""
+def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: float, noise: NoiseLevels | None = None) -> Retrieval:
+    """Find each item's neighbours at the key step and blend their values at the value step.
+
+    With `noise` (the schedule's noise ratios at k and v) the guard also refuses neighbours the
+    finish cannot correct (noise_levels.py); the guard's switch (max_key_distance 0) turns that off too."""
     params.validate(kb.fingerprint.steps, kb)
     if state.x.shape[1:] != tuple(kb.fingerprint.latent_shape):
         raise KBError(
@@ -122,8 +127,11 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             accepted=True, neighbours=nb.tolist(), prompts=[kb.entries[i].prompt for i in nb],
             distances=rel, weights=w.tolist(), residual=resid,
         )
+        low_noise = noise.rejection(space, rel[0], v) if noise is not None and params.max_key_distance > 0 else None
         if params.max_key_distance > 0 and rel[0] > params.max_key_distance:
             rep.accepted, rep.reason = False, f"nearest key at {rel[0]:.3f} > max {params.max_key_distance:.3f}"
+        elif low_noise:
+            rep.accepted, rep.reason = False, low_noise
         elif params.max_residual > 0 and resid > params.max_residual:
             rep.accepted, rep.reason = False, f"blend residual {resid:.3f} > max {params.max_residual:.3f}"
         elif params.max_weight_deviation > 0 and abs(float(np.sum(w)) - 1.0) > params.max_weight_deviation:
@@ -135,7 +143,7 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             x_v[b] = value
             accepted[b] = True
         reports.append(rep)
-    return Retrieval(x_v, accepted, reports)
+    return Retrieval(x_v, accepted, reports, noise.summary(space) if noise is not None and params.max_key_distance > 0 else None)
 
 
 def signatures_match(a: str, b: str, tol: float = 2e-3) -> bool:
@@ -165,6 +173,8 @@ def summary_lines(ret: Retrieval, params: ReDiParams, steps: int) -> list[str]:
     rejected = int((~ret.accepted).sum())
     lines = [f"ReDi: key step {params.key_step}, value step {params.value_step}, {params.key_space} keys, H={params.neighbours}",
              guard_line(params)]
+    if ret.noise_note:
+        lines.append(ret.noise_note)
     if rejected:
         lines.append(f"guard: {rejected} of {len(ret.accepted)} items sampled in full from step {params.key_step} (no steps skipped)")
     for b, r in enumerate(ret.reports):

@@ -166,15 +166,12 @@ def sampler_problem(sampler: str) -> bool | str:
     return True
 
 
-def check_steps(model, sigmas: torch.Tensor, key_step: int, value_step: int, scheduler: str) -> None:
-    """Refuse key/value steps whose noise level this schedule makes unusable (kb_tools/noise_levels.py)."""
+def noise_levels_of(model, sigmas: torch.Tensor, key_step: int, value_step: int) -> noise_levels.NoiseLevels:
+    """The schedule's noise ratios at the key and value steps, for the quality guard."""
     import comfy.model_sampling
 
     flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-    problem = noise_levels.step_problem(sigmas.float().cpu().tolist(), key_step, value_step, flow,
-                                        f"the {scheduler} scheduler at {len(sigmas) - 1} steps")
-    if problem:
-        raise KBError(f"key/value steps: {problem}")
+    return noise_levels.NoiseLevels.of(sigmas.float().cpu().tolist(), key_step, value_step, flow)
 
 
 def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor:

@@ -87,11 +87,11 @@ class ReDiKSampler(io.ComfyNode):
         counter = NFECounter()
         counted = counter.attach(model)
         phases = comfy_sampling.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
-        comfy_sampling.check_steps(model, phases.sigmas, params.key_step, params.value_step, scheduler)
         noise = comfy.sample.prepare_noise(latent, seed)
         state = phases.key_phase(content_positive if content_positive is not None else positive, latent, noise, seed, params.key_step)
         key_calls = counter.calls
-        ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]))
+        ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),
+                       noise=comfy_sampling.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
         out = torch.zeros(latent.shape)
         for start, idx, src in ret.starts(state, params):
             out[idx] = phases.finish(positive, src, start, seed, rows=idx).float().cpu()

@@ -49,7 +49,6 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         params = redi_compat.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
                                             self.max_weight_deviation)
         k, v = params.key_step, params.value_step
-        comfy_sampling.check_steps(patcher, sigmas, k, v, fp.scheduler)
         stop = comfy_sampling.stop_step_for(self.inner_name, k)
         plan = comfy_sampling.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
         key = comfy_sampling.Capture(self.inner_name, stop_at=stop, noise=plan)
@@ -67,7 +66,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         finally:
             model_wrap.conds = saved_conds
         state = comfy_sampling.key_state(key, k, sigmas)
-        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]))
+        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_sampling.noise_levels_of(patcher, sigmas, k, v))
         out = x_k.clone()
         ms = model_wrap.inner_model.model_sampling
         for start, idx, start_states in ret.starts(state, params):

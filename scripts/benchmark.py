@@ -104,7 +104,7 @@ class Bench:
         def run(m, cond, latent, noise, key_cond):
             ph = self.cs.Phases(m, STEPS, CFG, SAMPLER, SCHEDULER, self.negative, preview=False)
             state = ph.key_phase(key_cond if content_key else cond, latent, noise, SEED, k)
-            ret = self.retrieve(kb, state, params, float(ph.sigmas[v]))
+            ret = self.retrieve(kb, state, params, float(ph.sigmas[v]), noise=self.cs.noise_levels_of(m, ph.sigmas, k, v))
             out = torch.zeros(latent.shape)
             for start, idx, src in ret.starts(state, params):
                 out[idx] = ph.finish(cond, src, start, SEED, rows=idx).float().cpu()

@@ -74,7 +74,6 @@ class Support:
         """The pack's refusal of this pair at k=K, v=V (sampler, then the schedule's noise levels), or None."""
         try:
             self.cs.check_sampler(sampler)
-            self.cs.check_steps(self.model, self.cs.ksampler_sigmas(self.model, sampler, scheduler, STEPS), K, V, scheduler)
         except self.KBError as e:
             return str(e)
         return None
@@ -112,8 +111,9 @@ class Support:
             full = self._decode(ph.full(self.cond, latent, noise, seeds[0], item_seeds=seeds).float().cpu())
             state = ph.key_phase(self.cond, latent, noise, seeds[0], K, item_seeds=seeds)
             sigma_v = float(ph.sigmas[V])
+            noise = self.cs.noise_levels_of(self.model, ph.sigmas, K, V)
             off = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, 0.0, 0.0, 0.0), sigma_v)
-            on = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, **self.guard), sigma_v)
+            on = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, **self.guard), sigma_v, noise=noise)
             all_idx = np.arange(n)
             redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0]).float().cpu())
             redi_on = redi_off.copy()
@@ -229,7 +229,7 @@ def main() -> None:
     for s in samplers:
         for sch in schedulers:
             f = out / "pairs" / f"{s}__{sch}.json"
-            if f.is_file():
+            if f.is_file() and not (json.loads(f.read_text())["verdict"] == "refused" and sup.refusal(s, sch) is None):
                 continue
             row = sup.pair(s, sch, args.measure_refused)
             f.write_text(json.dumps(row))

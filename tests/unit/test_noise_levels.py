@@ -1,56 +1,71 @@
-"""Which key/value steps a noise schedule allows (kb_tools/noise_levels.py)."""
+"""The quality guard's noise-level checks (kb_tools/noise_levels.py) through retrieve()."""
 
 import numpy as np
 import pytest
 
-from kb_tools.noise_levels import MAX_KEY_NSR, MIN_VALUE_NSR, noise_ratio, step_problem, usable_steps
+from kb_tools import builder
+from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.noise_levels import LOW_NOISE_MAX_DISTANCE, MAX_KEY_NSR, MIN_VALUE_NSR, NoiseLevels, noise_ratio
+from kb_tools.redi_loop import KeyState, ReDiParams, retrieve, summary_lines
+
+from .kb_fixtures import fake_run_batch, fingerprint
+
+ROOMY = NoiseLevels(key=5.0, value=1.5)
+TIGHT = NoiseLevels(key=5.0, value=0.9)
 
 
-def karras(n: int, lo: float = 0.0292, hi: float = 14.61, rho: float = 7.0) -> list[float]:
-    ramp = np.linspace(0, 1, n)
-    s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    return [*s.tolist(), 0.0]
+@pytest.fixture()
+def kb(tmp_path):
+    builder.build(tmp_path / "kb", fingerprint(), [f"p{i}" for i in range(6)], 6, fake_run_batch())
+    return KnowledgeBase.open(tmp_path / "kb")
 
 
-def geometric(n: int, lo: float = 0.0292, hi: float = 14.61) -> list[float]:
-    return [*np.geomspace(hi, lo, n).tolist(), 0.0]
+def query_at(kb, entry: int, rel_distance: float) -> KeyState:
+    """A query whose nearest key (entry's) lies at about `rel_distance` (relative to the query's norm)."""
+    key = kb.values("latent", 2, [entry])
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=key.shape).astype(np.float32)
+    d *= rel_distance * np.linalg.norm(key) / np.linalg.norm(d)
+    q = key + d
+    return KeyState(q, q, np.zeros_like(q))
 
 
 def test_noise_ratio_of_eps_and_flow_models():
     assert noise_ratio(1.5, flow=False) == 1.5
     assert noise_ratio(0.5, flow=True) == pytest.approx(1.0)
     assert noise_ratio(1.0, flow=True) == float("inf")
+    lv = NoiseLevels.of([14.6, 5.0, 1.1, 0.0], 1, 2, flow=False)
+    assert (lv.key, lv.value) == (5.0, pytest.approx(1.1))
 
 
-def test_a_schedule_with_noise_left_at_the_value_step_passes():
-    sig = karras(20)
-    assert sig[4] <= MAX_KEY_NSR and sig[8] >= MIN_VALUE_NSR
-    assert step_problem(sig, 4, 8, False, "karras at 20 steps") is None
+def test_with_noise_left_at_v_a_farther_neighbour_is_used():
+    assert ROOMY.value >= MIN_VALUE_NSR
+    assert ROOMY.rejection("latent", 0.45, 10) is None
 
 
-def test_too_little_noise_at_the_value_step_is_refused_with_the_steps_to_use():
-    sig = geometric(20)
-    keys, values = usable_steps(sig, False)
-    v_hi = max(values)
-    assert sig[v_hi] >= MIN_VALUE_NSR > sig[v_hi + 1]
-    msg = step_problem(sig, 4, 10, False, "exponential at 20 steps")
-    assert msg is not None and "value step 10" in msg and f"a value step of at most {v_hi}" in msg
-    assert step_problem(sig, 4, v_hi, False, "exponential at 20 steps") is None
+def test_with_little_noise_left_only_close_neighbours_are_used(kb):
+    far = retrieve(kb, query_at(kb, 3, 0.3), ReDiParams(2, 6, 1), sigma_v=0.9, noise=TIGHT)
+    assert not far.accepted[0]
+    assert "value step 6" in far.reports[0].reason and "lower value step" in far.reports[0].reason
+    near = retrieve(kb, query_at(kb, 3, 0.1), ReDiParams(2, 6, 1), sigma_v=0.9, noise=TIGHT)
+    assert near.accepted[0] and near.reports[0].distances[0] < LOW_NOISE_MAX_DISTANCE
+    lines = summary_lines(far, ReDiParams(2, 6, 1), 10)
+    assert any("only neighbours within distance 0.2" in ln for ln in lines)
+    assert any("full sampling from step 2" in ln for ln in lines)
+    assert retrieve(kb, query_at(kb, 3, 0.3), ReDiParams(2, 6, 1), sigma_v=0.9, noise=ROOMY).accepted[0]
 
 
-def test_a_key_step_at_pure_noise_is_refused():
-    sig = [14.6, 14.5, 14.4, 14.3, 14.2, 12.0, 9.0, 6.0, 3.0, 2.0, 1.5, 0.5, 0.0]
-    msg = step_problem(sig, 2, 9, False, "custom at 12 steps")
-    assert "key step 2" in msg and "pure noise" in msg and "a key step of at least 6" in msg
+def test_guard_off_uses_every_neighbour(kb):
+    off = retrieve(kb, query_at(kb, 3, 0.3), ReDiParams(2, 6, 1, "latent", 0.0, 0.0, 0.0), sigma_v=0.9, noise=TIGHT)
+    assert off.accepted[0] and off.noise_note is None
 
 
-def test_flow_models_use_their_own_noise_ratio():
-    sig = np.linspace(1.0, 0.0, 21).tolist()  # t = 1 - i/20
-    assert step_problem(sig, 4, 9, True, "simple at 20 steps") is None  # t = 0.55: ratio 1.22
-    msg = step_problem(sig, 4, 10, True, "simple at 20 steps")  # t = 0.5: ratio 1.0
-    assert "value step 10" in msg and "at most 9" in msg
-
-
-def test_a_schedule_without_any_usable_pair_says_so():
-    sig = [14.6, 14.6, 14.5, 14.4, 0.5, 0.0]
-    assert "leaves no such pair" in step_problem(sig, 1, 3, False, "odd at 5 steps")
+def test_denoised_keys_at_almost_pure_noise_are_not_used(kb):
+    pure = NoiseLevels(key=MAX_KEY_NSR + 4, value=1.5)
+    exact = query_at(kb, 2, 0.0)
+    st = KeyState(exact.x, kb.values("denoised", 2, [2]), exact.eps)
+    den = retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=1.5, noise=pure)
+    assert not den.accepted[0] and "almost pure noise" in den.reports[0].reason
+    assert retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=1.5, noise=ROOMY).accepted[0]
+    # latent keys at the KB's own seed still tell prompts apart there (the noise is shared)
+    assert retrieve(kb, exact, ReDiParams(2, 6, 1, "latent"), sigma_v=1.5, noise=pure).accepted[0]
