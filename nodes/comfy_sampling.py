@@ -18,7 +18,10 @@ space, noise included), the same for every sampler:
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
+from pathlib import Path
 
 import comfy.k_diffusion.sampling as kds
 import comfy.model_management
@@ -126,18 +129,27 @@ RESTART_FAILS = {
     "dpmpp_2m_sde_heun": "as dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "as dpmpp_2m_sde",
     "dpmpp_3m_sde": "10.1 dB", "dpmpp_3m_sde_gpu": "as dpmpp_3m_sde", "lms": "12.3 dB",
 }
-WORKING_EXAMPLES = "euler, euler_ancestral, heun, dpmpp_2m, uni_pc or lcm"
-# samplers whose ReDi images missed the tolerance through a KB in `scripts/sampler_support.py --schedulers normal
-# --kb-size 32 --queries 24` (docs/sampler_support.md): PSNR >= 20 dB held, the evaluator accuracy moved by more than
-# 2 points from the full run's (the cfg_pp samplers are made for cfg near 1; a KB is built at one cfg)
-MEASURED_FAILS = {
-    "euler_cfg_pp": "accuracy 83% vs 88% for the full run at the KB's seed",
-    "euler_ancestral_cfg_pp": "accuracy 98% vs 93% for the full run at new seeds",
-    "dpmpp_2s_ancestral_cfg_pp": "accuracy 97% vs 99% for the full run at new seeds",
-}
+WORKING_EXAMPLES = "euler, euler_ancestral, heun or dpmpp_2m"
+# sampler x scheduler pairs whose ReDi images missed the tolerance through a KB, written by
+# `scripts/sampler_support.py` (docs/sampler_support.md): {"fails": {sampler: {scheduler or "*": why}},
+# "works": {scheduler: [samplers]}}
+VERDICTS_FILE = Path(__file__).with_name("sampler_verdicts.json")
 
 
-def check_sampler(sampler: str) -> None:
+def _verdicts() -> dict:
+    try:
+        data = json.loads(VERDICTS_FILE.read_text())
+        return {"fails": dict(data.get("fails", {})), "works": dict(data.get("works", {}))}
+    except (OSError, ValueError):  # a damaged install: the per-scheduler refusals are missing, say so in the log
+        logging.getLogger(__name__).warning("ReDi: %s is missing or unreadable; reinstall the pack", VERDICTS_FILE)
+        return {"fails": {}, "works": {}}
+
+
+VERDICTS = _verdicts()
+MEASURED_FAILS: dict[str, dict[str, str]] = VERDICTS["fails"]
+
+
+def check_sampler(sampler: str, scheduler: str | None = None) -> None:
     """Refuse samplers ReDi cannot split at a step (their own step choice) or cannot finish within tolerance."""
     if sampler in RESTART_FAILS:
         raise KBError(
@@ -145,10 +157,18 @@ def check_sampler(sampler: str) -> None:
             f"ends far from the full run ({RESTART_FAILS[sampler]} PSNR from the same seed's full run even when the KB holds "
             f"the query's own trajectory, where 20 dB is the tolerance); use {WORKING_EXAMPLES}"
         )
-    if sampler in MEASURED_FAILS:
+    fails = MEASURED_FAILS.get(sampler, {})
+    if "*" in fails:
         raise KBError(
-            f"sampler {sampler!r} does not work with ReDi within tolerance ({MEASURED_FAILS[sampler]}, measured on the "
+            f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on the "
             f"demo model; the tolerance is 2 points); use {WORKING_EXAMPLES}"
+        )
+    if scheduler is not None and scheduler in fails:
+        works = [s for s in VERDICTS["works"].get(scheduler, []) if s != sampler][:5]
+        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
+        raise KBError(
+            f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
+            f"measured on the demo model; the tolerance is 20 dB and 2 points of accuracy); {use}"
         )
     if sampler in OWN_STEPS:
         raise KBError(
@@ -157,10 +177,10 @@ def check_sampler(sampler: str) -> None:
         )
 
 
-def sampler_problem(sampler: str) -> bool | str:
+def sampler_problem(sampler: str, scheduler: str | None = None) -> bool | str:
     """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
     try:
-        check_sampler(sampler)
+        check_sampler(sampler, scheduler)
     except KBError as e:
         return str(e)
     return True

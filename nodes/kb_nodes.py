@@ -92,8 +92,8 @@ class ReDiKBBuilder(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name) -> bool | str:
-        return comfy_sampling.sampler_problem(sampler_name)
+    def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name, scheduler)
 
     @classmethod
     def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
@@ -142,7 +142,7 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
     total)` is called per finished batch; `step_progress(steps done, total)` per sampling step."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
-    comfy_sampling.check_sampler(sampler_name)
+    comfy_sampling.check_sampler(sampler_name, scheduler)
     latent_channels = model.get_model_object("latent_format").latent_channels
     neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
     negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]

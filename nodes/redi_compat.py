@@ -15,7 +15,7 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     fp = kb.fingerprint
     if len(latent_shape) != 4:
         raise KBError(f"ReDi works on image latents (batch, channels, height, width); this latent has shape {list(latent_shape)}")
-    comfy_sampling.check_sampler(sampler)
+    comfy_sampling.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler)
     problems, notes = [], []
     if comfy_sampling.model_hash(model) != fp.model_hash:
         problems.append(f"model: KB {kb.name} was built with another model ({fp.model_name}, hash {fp.model_hash}) or other LoRA/patches; build a KB with this model")

@@ -71,8 +71,8 @@ class ReDiKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name) -> bool | str:
-        return comfy_sampling.sampler_problem(sampler_name)
+    def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
+        return comfy_sampling.sampler_problem(sampler_name, scheduler)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,
