@@ -12,7 +12,9 @@
                       bounded batches: "x.{s}" (latent after s steps) and "d.{s}" (the
                       model's denoised estimate at step s-1) for every stored step, in the
                       manifest's dtype, a crc32 per row ("crc.x.{s}", "crc.d.{s}"), and the
-                      entries ({prompt, seed, pos}) as JSON in the header
+                      entries ({prompt, seed, pos}) as JSON objects with offsets and a crc32
+                      each ("entries.json", "entries.offsets", "crc.entries"), so a query reads
+                      one entry alone (older shards hold them as JSON in the header)
       rkeys_{space}_{step}.f32
                       append-only float32 rows of the reduced (average-pooled) keys, one per
                       entry in commit order, checksummed per committed chunk in the log
