@@ -164,7 +164,8 @@ def check_sampler(sampler: str, scheduler: str | None = None) -> None:
             f"demo model; the tolerance is 2 points); use {WORKING_EXAMPLES}"
         )
     if scheduler is not None and scheduler in fails:
-        works = [s for s in VERDICTS["works"].get(scheduler, []) if s != sampler][:5]
+        known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
+        works = sorted((s for s in VERDICTS["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
         use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
         raise KBError(
             f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "

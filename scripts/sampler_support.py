@@ -178,6 +178,9 @@ def write_verdicts(rows: list[dict], path: Path) -> None:
             continue
         if verdict(r) == "FAILS":
             fails.setdefault(r["sampler"], {})[r["scheduler"]] = why(r)
+            if r["scheduler"] == "normal" and min(r["same"]["psnr"], r["new"]["psnr"]) < PSNR_MIN:
+                # broken images, not a few points of accuracy: refused with every scheduler
+                fails[r["sampler"]]["*"] = why(r) + " with the normal scheduler"
         elif r["verdict"] != "refused" or "measured" in r:
             works.setdefault(r["scheduler"], []).append(r["sampler"])
     data["fails"] = {s: per for s, per in sorted(fails.items()) if per}
@@ -240,6 +243,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--measure-refused", action="store_true", help="measure pairs the pack refuses too")
+    ap.add_argument("--no-measure", action="store_true", help="only rebuild the table (and verdicts) from OUT/pairs")
     ap.add_argument("--write-verdicts", action="store_true", help="write the failing pairs to nodes/sampler_verdicts.json (the pack refuses them)")
     ap.add_argument("--restart", action="store_true",
                     help="only measure each sampler's finish from v on the query's own trajectory (no KB, normal scheduler)")
@@ -262,7 +266,7 @@ def main() -> None:
             p = sup.restart(s)
             print(f"| {s} | " + ", ".join(f"{v:.1f}" for v in p) + f" | {np.mean(p):.1f} |", flush=True)
         return
-    for s in samplers:
+    for s in samplers if not args.no_measure else []:
         for sch in schedulers:
             f = out / "pairs" / f"{s}__{sch}.json"
             if f.is_file() and not (json.loads(f.read_text())["verdict"] == "refused" and sup.refusal(s, sch) is None):

@@ -39,7 +39,7 @@ def redi_and_stock(sampler: str, kb_name: str) -> dict:
     return g
 
 
-@pytest.mark.parametrize("sampler", ["uni_pc", "euler_ancestral", "lcm", "heun", "euler"])
+@pytest.mark.parametrize("sampler", ["uni_pc", "euler_ancestral", "dpmpp_sde", "heun", "euler"])
 def test_query_of_a_kb_entry_finds_it_and_stays_within_tolerance(server, sampler):
     entry = server.run(redi_and_stock(sampler, f"kb15_{sampler}"), timeout=TIMEOUT)
     assert entry["status"]["status_str"] == "success", server.error_of(entry)
@@ -64,7 +64,8 @@ def redi_only(kb_name: str, sampler: str = "euler") -> dict:
 
 @pytest.mark.parametrize(("sampler", "why"), [("dpm_adaptive", "chooses its own time steps"), ("dpm_fast", "chooses its own time steps"),
                                              ("deis", "multistep history"), ("ipndm", "multistep history"),
-                                             ("dpmpp_2m_sde", "multistep history")])
+                                             ("dpmpp_2m_sde", "multistep history"),
+                                             ("lcm", "with the normal scheduler does not work with ReDi within tolerance")])
 def test_unsupported_samplers_refused_at_queue_time(server, sampler, why):
     status, body = server.queue(redi_only(f"kb15_{sampler}", sampler))
     assert status == 400, body
