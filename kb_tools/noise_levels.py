@@ -13,7 +13,7 @@ noise ratio of 1.38 or more at v (normal, simple, sgm_uniform, beta, ddim_unifor
 any key distance up to 0.5 (latent keys) stayed within tolerance (1% below 20 dB); at 0.55-1.09
 (exponential, kl_optimal, karras) 22-62% of the items with a nearest key farther than 0.2
 fell below 20 dB, and none of those closer than 0.2. The benchmark's large KB reaches v=14
-(ratio 0.69) at 58 dB because its neighbours are that close.
+(ratio 0.73) at 58 dB because its neighbours are that close.
 """
 
 from __future__ import annotations
