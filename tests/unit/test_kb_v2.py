@@ -25,6 +25,12 @@ def batch(rng, n, first, shape=SHAPE, steps=(2, 4, 6)):
     return x, {s: v * 0.5 for s, v in x.items()}, [Entry(f"p{first + j}", 1, first + j) for j in range(n)]
 
 
+def flip_byte(path, offset: int, mask: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def test_open_reads_no_shard(tmp_path):
     kb_dir = tmp_path / "kb"
     builder.build(kb_dir, fingerprint(), [f"p{i}" for i in range(6)], 2, fake_run_batch())
@@ -41,10 +47,7 @@ def test_flipped_byte_in_a_value_row_is_refused_when_read(tmp_path):
     sf = kb._shards.get(kb.state.shards[0])
     off = sf.offsets["x.6"] + 2 * sf.row_bytes + 3  # a byte inside row 2 of x.6
     kb.close()
-    shard = kb_dir / "shard_000000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[off] ^= 0x40
-    shard.write_bytes(bytes(data))
+    flip_byte(kb_dir / "shard_000000.safetensors", off, 0x40)
     kb = KnowledgeBase.open(kb_dir)
     kb.values("latent", 6, [0, 1, 3])  # undamaged rows still read
     with pytest.raises(KBError, match=r"shard_000000.safetensors: row 2 of x.6 does not match its checksum.*re-copy shard_000000"):
@@ -229,10 +232,7 @@ def test_an_entry_is_read_alone_and_a_damaged_one_is_refused_when_read(tmp_path)
     assert kb.entries[3].prompt == "prompt 3" and sf._entries is None  # one entry read, the list never parsed
     off = sf.offsets[kb_shard.ENTRY_DATA] + int(sf.entry_offsets[2]) + 12  # a byte inside entry 2's prompt
     kb.close()
-    shard = kb_dir / "shard_000000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[off] ^= 0x01
-    shard.write_bytes(bytes(data))
+    flip_byte(kb_dir / "shard_000000.safetensors", off, 0x01)
     kb = KnowledgeBase.open(kb_dir)
     assert [kb.entries[i].prompt for i in (0, 1, 3, 4)] == ["prompt 0", "prompt 1", "prompt 3", "prompt 4"]
     with pytest.raises(KBError, match=r"shard_000000.safetensors: entry 2 does not match its checksum"):
