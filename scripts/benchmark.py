@@ -94,7 +94,7 @@ class Bench:
 
     def full(self, steps: int, sampler: str = SAMPLER):
         def run(m, cond, latent, noise, _key_cond):
-            return self.cs.sample_range(m, noise, steps, CFG, sampler, SCHEDULER, cond, self.negative, latent, 0, steps, SEED, None, True)
+            return self.cs.Phases(m, steps, CFG, sampler, SCHEDULER, self.negative, preview=False).full(cond, latent, noise, SEED).float().cpu()
 
         return run
 
