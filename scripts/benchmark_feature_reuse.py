@@ -296,11 +296,11 @@ def main() -> None:
         run(f"FR order {s['order']}", s["name"], patch_fr(fr, b.model, s), fr=True, order=s["order"], setting=s)
     if args.kb_size and "redi" in groups:
         kb = b.build_kb(f"fixed_{args.kb_size}", args.kb_size, "fixed")
-        run("ReDi", "ReDi k=4 v=10", b.model, steps=14, sampler=b.redi(kb, 4, 10, 1, "latent"))
-        for s in ({"name": "i2 o0 mix", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": 0.0, "threshold": 0.0},
-                  {"name": "ramp i4 o1", "interval": 4, "schedule": "ramp", "order": 1, "mixing": False, "start": 0.0, "threshold": 0.0}):
-            run("ReDi+FR", f"ReDi k=4 v=10 + FR {s['name']}", patch_fr(fr, b.model, s), steps=14,
-                sampler=b.redi(kb, 4, 10, 1, "latent"), fr=True, order=s["order"], setting=s)
+        fr_i2 = {"name": "i2 o0 mix", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": 0.0, "threshold": 0.0}
+        for k, v in ((4, 10), (3, 14)):
+            run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, "latent"))
+            run("ReDi+FR", f"ReDi k={k} v={v} + FR {fr_i2['name']}", patch_fr(fr, b.model, fr_i2), steps=STEPS - v + k,
+                sampler=b.redi(kb, k, v, 1, "latent"), fr=True, order=0, setting=fr_i2)
     print(f"demo-model runs: {time.time() - t0:.0f}s", flush=True)
 
     if args.sd15_times:
