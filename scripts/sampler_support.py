@@ -198,7 +198,7 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
     by = {(r["sampler"], r["scheduler"]): r for r in rows}
     lines = ["| sampler | scheduler | verdict | KB's seed: PSNR, acc ReDi vs full | new seeds: PSNR, acc ReDi vs full |", "|---|---|---|---|---|"]
     for s in samplers:
-        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and "sampler" in r["message"][:12]), None)
+        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and sampler_wide(r["message"])), None)
         if refused:
             lines.append(f"| {s} | all | refused | {refused['message'].split(';')[0]} | |")
             continue
@@ -207,13 +207,34 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
             if r is None:
                 lines.append(f"| {s} | {sch} | not measured | | |")
             elif r["verdict"] == "refused":
-                why = "refused: " + r["message"].split(" (")[0].replace("key/value steps: ", "") + " (see below)"
+                why = "refused: " + r["message"].split(" (")[0]
                 if "same" in r:
                     lines.append(f"| {s} | {sch} | {why}; measured anyway: {r.get('measured')} | {cell(r, 'same')} | {cell(r, 'new')} |")
                 else:
                     lines.append(f"| {s} | {sch} | {why} | | |")
             else:
                 lines.append(f"| {s} | {sch} | {r['verdict']} | {cell(r, 'same')} | {cell(r, 'new')} |")
+    return "\n".join(lines)
+
+
+def sampler_wide(message: str) -> bool:
+    """A refusal of the sampler with every scheduler (not of one sampler x scheduler pair)."""
+    return message.startswith("sampler") and "scheduler does not work" not in message
+
+
+def summary(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
+    """One line per sampler: the schedulers it works with, is refused with, and not yet measured with."""
+    by = {(r["sampler"], r["scheduler"]): r for r in rows}
+    lines = ["| sampler | works with | refused with | not measured |", "|---|---|---|---|"]
+    for s in samplers:
+        wide = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and sampler_wide(r["message"])), None)
+        if wide:
+            lines.append(f"| {s} | | every scheduler: {wide['message'].split(';')[0].split(' (')[0]} | |")
+            continue
+        works = [sch for sch in schedulers if by.get((s, sch), {}).get("verdict") == "works"]
+        refused = [sch for sch in schedulers if by.get((s, sch), {}).get("verdict") in ("refused", "FAILS")]
+        missing = [sch for sch in schedulers if (s, sch) not in by]
+        lines.append(f"| {s} | {', '.join(works)} | {', '.join(refused)} | {', '.join(missing)} |")
     return "\n".join(lines)
 
 
@@ -296,7 +317,8 @@ def main() -> None:
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
             f"demo model, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
             f"cfg {CFG:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
-    md = head + "\n\n" + table(rows, all_samplers, all_schedulers) + "\n\nGuard statistics (guard off):\n\n" + calibration(items) + "\n"
+    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n" + summary(rows, all_samplers, all_schedulers) + "\n\n## Every pair\n\n"
+          + table(rows, all_samplers, all_schedulers) + "\n\n## Guard statistics (guard off)\n\n" + calibration(items) + "\n")
     Path(args.table).write_text(md)
     print(f"\nwrote {args.table}")
     if args.calibrate:
