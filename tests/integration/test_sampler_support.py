@@ -106,17 +106,18 @@ def test_other_negative_prompt_refused(server, euler_kb):
 
 
 def test_little_noise_left_at_the_value_step_tightens_the_guard(server):
-    """karras at 20 steps leaves noise ratio 1.09 at step 10, where a neighbour that is not close keeps
-    its own content (measured by scripts/sampler_support.py): a query at a new seed is sampled in full
-    from k and the report says why; a KB entry's own prompt and seed (distance 0) still skips steps."""
-    g = redi_only("kb15_karras")
-    g["6"]["inputs"].update({"scheduler": "karras", "prompts": "\n".join(KB_PROMPTS[:3])})
-    g["7"]["inputs"]["scheduler"] = "karras"
+    """The exponential scheduler at 20 steps leaves noise ratio 0.55 at step 10, where a neighbour that is
+    not close keeps its own content (measured by scripts/sampler_support.py): a query at a new seed is
+    sampled in full from k and the report says why; a KB entry's own prompt and seed (distance 0) still
+    skips steps."""
+    g = redi_only("kb15_exponential")
+    g["6"]["inputs"].update({"scheduler": "exponential", "prompts": "\n".join(KB_PROMPTS[:3])})
+    g["7"]["inputs"]["scheduler"] = "exponential"
     g["7"]["inputs"]["seed"] = 77  # a new seed: denoised keys, neighbours at distance ~0.9
     entry = server.run(g, timeout=TIMEOUT)
     assert entry["status"]["status_str"] == "success", server.error_of(entry)
     lines = _report(entry)
-    assert any("noise ratio 1.09 at the value step" in ln for ln in lines), lines
+    assert any("noise ratio 0.55 at the value step" in ln for ln in lines), lines
     assert any("full sampling from step 4" in ln and "lower value step" in ln for ln in lines), lines
     g["2"]["inputs"]["text"], g["7"]["inputs"]["seed"] = KB_PROMPTS[1], 1024
     entry = server.run(g, timeout=TIMEOUT)
