@@ -296,11 +296,15 @@ def main() -> None:
         run(f"FR order {s['order']}", s["name"], patch_fr(fr, b.model, s), fr=True, order=s["order"], setting=s)
     if args.kb_size and "redi" in groups:
         kb = b.build_kb(f"fixed_{args.kb_size}", args.kb_size, "fixed")
-        fr_i2 = {"name": "i2 o0 mix", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": 0.0, "threshold": 0.0}
+        # start 0.25: no reuse in the key phase, whose latent must stay on the KB's trajectory (the KB is built
+        # without FeatureReuse); the percent is a noise level, so it means the same in the key phase and the finish
+        fr_i2 = [{"name": f"i2 o0 mix start {st}", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": st,
+                  "threshold": 0.0} for st in (0.0, 0.25)]
         for k, v in ((4, 10), (3, 14)):
             run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, "latent"))
-            run("ReDi+FR", f"ReDi k={k} v={v} + FR {fr_i2['name']}", patch_fr(fr, b.model, fr_i2), steps=STEPS - v + k,
-                sampler=b.redi(kb, k, v, 1, "latent"), fr=True, order=0, setting=fr_i2)
+            for s in fr_i2:
+                run("ReDi+FR", f"ReDi k={k} v={v} + FR {s['name']}", patch_fr(fr, b.model, s), steps=STEPS - v + k,
+                    sampler=b.redi(kb, k, v, 1, "latent"), fr=True, order=0, setting=s)
     print(f"demo-model runs: {time.time() - t0:.0f}s", flush=True)
 
     if args.sd15_times:
