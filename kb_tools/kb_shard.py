@@ -225,25 +225,28 @@ class ShardFile:
     def entries(self) -> list[Entry]:
         """Every entry of the shard, parsed on first use (queries need only their neighbours' prompts)."""
         if self._entries is None:
-            count = self.rec.count
-            self._ensure_open()
-            if self.entry_tensors:
-                size = int(self.entry_offsets[-1])
-                raw = os.pread(self.fd, size, self.offsets[ENTRY_DATA])
-                if len(raw) != size:
-                    raise self._bad("its entry data is truncated")
-                offs = self.entry_offsets
-                self._entries = [self._entry_from(raw[offs[i] : offs[i + 1]], i) for i in range(count)]
-                return self._entries
-            head = os.pread(self.fd, self._head[1], self._head[0])
-            try:
-                ents = json.loads(json.loads(head)["__metadata__"]["entries"])
-                assert isinstance(ents, list) and len(ents) == count
-                assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
-                self._entries = [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
-            except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
-                raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
+            self._entries = self.read_entries()
         return self._entries
+
+    def read_entries(self) -> list[Entry]:
+        """Every entry, parsed and checked now and not kept (validate reads each shard once)."""
+        count = self.rec.count
+        self._ensure_open()
+        if self.entry_tensors:
+            size = int(self.entry_offsets[-1])
+            raw = os.pread(self.fd, size, self.offsets[ENTRY_DATA])
+            if len(raw) != size:
+                raise self._bad("its entry data is truncated")
+            offs = self.entry_offsets
+            return [self._entry_from(raw[offs[i] : offs[i + 1]], i) for i in range(count)]
+        head = os.pread(self.fd, self._head[1], self._head[0])
+        try:
+            ents = json.loads(json.loads(head)["__metadata__"]["entries"])
+            assert isinstance(ents, list) and len(ents) == count
+            assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
+            return [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
+        except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
+            raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
 
     def drop_entries(self) -> None:
         self._entries = None
@@ -257,13 +260,6 @@ class ShardFile:
             raise KBError(f"{self.name}: row {i} of {tensor} does not match its checksum (the file is damaged); "
                           f"rebuild the KB or re-copy {self.name}")
         return raw
-
-    def rows(self, tensor: str, idx: np.ndarray | list[int]) -> np.ndarray:
-        """Rows `idx` (local) of a tensor as float32, each checked against its crc."""
-        raw = b"".join(self.raw_row(tensor, int(i)) for i in idx)
-        out = np.frombuffer(raw, dtype=self.dtype).astype(np.float32).reshape(len(idx), *self.row_shape)
-        check_values(out, f"{self.name}, tensor {tensor}")
-        return out
 
     def all_rows(self, tensor: str) -> np.ndarray:
         """Every row of a tensor (checked); for validate, upgrade and merge."""

@@ -206,8 +206,9 @@ class KnowledgeBase:
                 kb_index.add_preassigned(idx, keys, lists[: len(keys)])
             else:
                 idx = kb_index.flat_index(keys)
+            if not self._indexes:
+                self._parse_shards()  # once per opened KB, with its first index
             self._indexes[key] = idx
-            self._parse_shards()
         return self._indexes[key]
 
     def _parse_shards(self) -> None:

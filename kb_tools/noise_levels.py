@@ -13,8 +13,8 @@ noise ratio of 1.38 or more at v (normal, simple, sgm_uniform, beta, ddim_unifor
 any key distance up to 0.5 (latent keys) stayed within tolerance (1% below 20 dB); at 0.55-1.09
 (exponential, kl_optimal, karras) 22-62% of the latent-key items with a nearest key farther than
 0.2 fell below 20 dB, and none of those closer than 0.2. Denoised keys (new seeds, distances
-0.3-1.4) kept every item within 20 dB at karras' 1.09 but lost 10-42% at 0.55-0.89. The benchmark's large KB reaches v=14
-(ratio 0.73) at 58 dB because its neighbours are that close.
+0.3-1.4) kept every item within 20 dB at karras' 1.09 but lost 10-42% at 0.55-0.89. The
+benchmark's large KB reaches v=14 (ratio 0.73) at 58 dB because its neighbours are that close.
 """
 
 from __future__ import annotations
@@ -46,12 +46,19 @@ class NoiseLevels:
     def of(cls, sigmas: Sequence[float], key_step: int, value_step: int, flow: bool) -> NoiseLevels:
         return cls(noise_ratio(float(sigmas[key_step]), flow), noise_ratio(float(sigmas[value_step]), flow))
 
+    def _keys_blind(self, key_space: str) -> bool:
+        return key_space == "denoised" and self.key > MAX_KEY_NSR
+
+    @staticmethod
+    def _min_value(key_space: str) -> float:
+        return MIN_VALUE_NSR.get(key_space, max(MIN_VALUE_NSR.values()))
+
     def rejection(self, key_space: str, distance: float, value_step: int) -> str | None:
         """Why the guard sends an item whose nearest key lies at relative `distance` to full sampling, or None."""
-        if key_space == "denoised" and self.key > MAX_KEY_NSR:
+        if self._keys_blind(key_space):
             return (f"the key step is still almost pure noise (noise ratio {self.key:.3g} > {MAX_KEY_NSR:g}), where denoised keys "
                     "cannot tell prompts apart; use a later key step")
-        low = MIN_VALUE_NSR.get(key_space, max(MIN_VALUE_NSR.values()))
+        low = self._min_value(key_space)
         if self.value < low and distance > LOW_NOISE_MAX_DISTANCE:
             return (f"little noise is left at value step {value_step} (noise ratio {self.value:.2f} < {low:g}) to correct "
                     f"a neighbour at distance {distance:.3f} (> {LOW_NOISE_MAX_DISTANCE:g} there); use a lower value step or a larger KB")
@@ -59,9 +66,9 @@ class NoiseLevels:
 
     def summary(self, key_space: str) -> str | None:
         """A report line when the noise levels tighten the guard, else None."""
-        if key_space == "denoised" and self.key > MAX_KEY_NSR:
+        if self._keys_blind(key_space):
             return f"guard: the key step is almost pure noise (noise ratio {self.key:.3g}): denoised keys are not used"
-        low = MIN_VALUE_NSR.get(key_space, max(MIN_VALUE_NSR.values()))
+        low = self._min_value(key_space)
         if self.value < low:
             return (f"guard: noise ratio {self.value:.2f} at the value step (< {low:g}): only neighbours within distance "
                     f"{LOW_NOISE_MAX_DISTANCE:g} are used")

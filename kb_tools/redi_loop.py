@@ -112,6 +112,8 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             "use the KB's width/height or build a KB at this size"
         )
     k, v, space = params.key_step, params.value_step, params.key_space
+    if params.max_key_distance <= 0:
+        noise = None  # the guard's distance switch turns its noise-level check off too
     queries = (state.x if space == "latent" else state.denoised).reshape(len(state.x), -1).astype(np.float32)
     # reduced-key search, exact re-rank on full keys read from the shards (only candidates)
     dist, ids = kb.search(space, k, queries, params.neighbours)
@@ -127,7 +129,7 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             accepted=True, neighbours=nb.tolist(), prompts=[kb.entries[i].prompt for i in nb],
             distances=rel, weights=w.tolist(), residual=resid,
         )
-        low_noise = noise.rejection(space, rel[0], v) if noise is not None and params.max_key_distance > 0 else None
+        low_noise = noise.rejection(space, rel[0], v) if noise is not None else None
         if params.max_key_distance > 0 and rel[0] > params.max_key_distance:
             rep.accepted, rep.reason = False, f"nearest key at {rel[0]:.3f} > max {params.max_key_distance:.3f}"
         elif low_noise:
@@ -143,7 +145,7 @@ def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: fl
             x_v[b] = value
             accepted[b] = True
         reports.append(rep)
-    return Retrieval(x_v, accepted, reports, noise.summary(space) if noise is not None and params.max_key_distance > 0 else None)
+    return Retrieval(x_v, accepted, reports, noise.summary(space) if noise is not None else None)
 
 
 def signatures_match(a: str, b: str, tol: float = 2e-3) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import comfy.k_diffusion.sampling as kds
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import latent_preview
@@ -189,8 +190,6 @@ def sampler_problem(sampler: str, scheduler: str | None = None) -> bool | str:
 
 def noise_levels_of(model, sigmas: torch.Tensor, key_step: int, value_step: int) -> noise_levels.NoiseLevels:
     """The schedule's noise ratios at the key and value steps, for the quality guard."""
-    import comfy.model_sampling
-
     flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     return noise_levels.NoiseLevels.of(sigmas.float().cpu().tolist(), key_step, value_step, flow)
 

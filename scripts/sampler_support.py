@@ -194,13 +194,13 @@ def cell(row: dict, regime: str) -> str:
     return f"{r['psnr']:.1f} dB, {100 * r['acc_redi']:.0f} vs {100 * r['acc_full']:.0f}{guard}"
 
 
-def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
+def table(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str]) -> str:
+    """Every pair; `wide`: the pack's refusal of each sampler refused with every scheduler."""
     by = {(r["sampler"], r["scheduler"]): r for r in rows}
     lines = ["| sampler | scheduler | verdict | KB's seed: PSNR, acc ReDi vs full | new seeds: PSNR, acc ReDi vs full |", "|---|---|---|---|---|"]
     for s in samplers:
-        refused = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and sampler_wide(r["message"])), None)
-        if refused:
-            lines.append(f"| {s} | all | refused | {refused['message'].split(';')[0]} | |")
+        if s in wide:
+            lines.append(f"| {s} | all | refused | {wide[s].split(';')[0]} | |")
             continue
         for sch in schedulers:
             r = by.get((s, sch))
@@ -217,19 +217,13 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def sampler_wide(message: str) -> bool:
-    """A refusal of the sampler with every scheduler (not of one sampler x scheduler pair)."""
-    return message.startswith("sampler") and "scheduler does not work" not in message
-
-
-def summary(rows: list[dict], samplers: list[str], schedulers: list[str]) -> str:
+def summary(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str]) -> str:
     """One line per sampler: the schedulers it works with, is refused with, and not yet measured with."""
     by = {(r["sampler"], r["scheduler"]): r for r in rows}
     lines = ["| sampler | works with | refused with | not measured |", "|---|---|---|---|"]
     for s in samplers:
-        wide = next((r for r in rows if r["sampler"] == s and r["verdict"] == "refused" and sampler_wide(r["message"])), None)
-        if wide:
-            lines.append(f"| {s} | | every scheduler: {wide['message'].split(';')[0].split(' (')[0]} | |")
+        if s in wide:
+            lines.append(f"| {s} | | every scheduler: {wide[s].split(';')[0].split(' (')[0]} | |")
             continue
         works = [sch for sch in schedulers if by.get((s, sch), {}).get("verdict") == "works"]
         refused = [sch for sch in schedulers if by.get((s, sch), {}).get("verdict") in ("refused", "FAILS")]
@@ -295,10 +289,8 @@ def main() -> None:
             row = sup.pair(s, sch, args.measure_refused)
             f.write_text(json.dumps(row))
             if row["verdict"] == "refused" and "same" not in row:
-                print(f"{s:28s} {sch:16s} refused: {row['message'][:90]}", flush=True)
-                if row["message"].startswith("sampler"):
-                    break  # the whole sampler is refused
-                continue
+                print(f"{s:28s} refused: {row['message'][:90]}", flush=True)
+                break  # pair() leaves only samplers refused with every scheduler unmeasured
             print(f"{s:28s} {sch:16s} {row['verdict']:6s} same {cell(row, 'same'):34s} new {cell(row, 'new'):34s} "
                   f"({row['seconds']:.0f}s)", flush=True)
     rows = []
@@ -317,8 +309,10 @@ def main() -> None:
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
             f"demo model, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
             f"cfg {CFG:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
-    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n" + summary(rows, all_samplers, all_schedulers) + "\n\n## Every pair\n\n"
-          + table(rows, all_samplers, all_schedulers) + "\n\n## Guard statistics (guard off)\n\n" + calibration(items) + "\n")
+    wide = {s: m for s in all_samplers if (m := sup.refusal(s, ""))}
+    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n" + summary(rows, all_samplers, all_schedulers, wide)
+          + "\n\n## Every pair\n\n" + table(rows, all_samplers, all_schedulers, wide) + "\n\n## Guard statistics (guard off)\n\n"
+          + calibration(items) + "\n")
     Path(args.table).write_text(md)
     print(f"\nwrote {args.table}")
     if args.calibrate:
