@@ -135,7 +135,8 @@ class Bench:
               f"acc {row['acc_mean']:.3f} FD {row['frechet']:.3f} PSNR {row['psnr']:.1f} SSIM {row['ssim']:.3f}", flush=True)
         return row
 
-    def build_kb(self, name: str, n: int, seed_mode: str, plain: bool = False) -> object:
+    def build_kb(self, name: str, n: int, seed_mode: str, plain: bool = False,
+                 steps: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 14)) -> object:
         from kb_tools.knowledge_base import KnowledgeBase
 
         path = self.out / "kb" / name
@@ -143,7 +144,7 @@ class Bench:
         prompts = [s.prompt() for s in dataset.random_samples(n, 12345, styles=styles)]
         t0 = time.perf_counter()
         self.kb_nodes.build_kb(self.model, self.clip, path, prompts, "", SAMPLER, SCHEDULER, STEPS, CFG, 64, 64, 64,
-                               seed_mode, SEED, (3, 4, 5, 6, 8, 10, 12, 14), progress=lambda d, t: None)
+                               seed_mode, SEED, steps, progress=lambda d, t: None)
         print(f"KB {name}: {n} trajectories ({time.perf_counter() - t0:.0f}s, resumed if it existed)", flush=True)
         return KnowledgeBase.load(path, check_hash=False)
 

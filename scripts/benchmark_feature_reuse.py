@@ -47,23 +47,30 @@ PARTS = "input,middle,output"
 
 # --- settings ------------------------------------------------------------------------------
 def fr_settings() -> list[dict]:
-    """FeatureReuse settings: (interval, schedule, order, mixing, start, threshold)."""
+    """FeatureReuse settings: (interval, schedule, order, mixing, start, threshold, mix bias)."""
     out = []
-    for interval, schedule, order, mixing, start, thr in [
-        (2, "fixed", 0, False, 0.0, 0.0), (2, "fixed", 0, True, 0.0, 0.0), (3, "fixed", 0, False, 0.0, 0.0), (3, "fixed", 0, True, 0.0, 0.0),
-        (2, "fixed", 1, False, 0.0, 0.0), (3, "fixed", 1, False, 0.0, 0.0), (3, "fixed", 2, False, 0.0, 0.0), (3, "fixed", 1, True, 0.0, 0.0),
-        (4, "fixed", 1, False, 0.0, 0.0), (4, "fixed", 2, False, 0.0, 0.0), (3, "fixed", 1, False, 0.2, 0.0),
-        (4, "ramp", 0, False, 0.0, 0.0), (3, "ramp", 1, False, 0.0, 0.0), (4, "ramp", 1, False, 0.0, 0.0), (5, "ramp", 1, False, 0.0, 0.0),
-        (4, "adaptive", 1, False, 0.0, 0.1), (4, "adaptive", 1, False, 0.0, 0.2),
-        (6, "ramp", 0, False, 0.0, 0.0), (8, "ramp", 0, False, 0.0, 0.0),
+    for interval, schedule, order, mixing, start, thr, bias in [
+        (2, "fixed", 0, False, 0.0, 0.0, 0.5), (2, "fixed", 0, True, 0.0, 0.0, 0.5), (3, "fixed", 0, False, 0.0, 0.0, 0.5),
+        (3, "fixed", 0, True, 0.0, 0.0, 0.5), (2, "fixed", 1, False, 0.0, 0.0, 0.5), (3, "fixed", 1, False, 0.0, 0.0, 0.5),
+        (3, "fixed", 2, False, 0.0, 0.0, 0.5), (3, "fixed", 1, True, 0.0, 0.0, 0.5), (4, "fixed", 1, False, 0.0, 0.0, 0.5),
+        (4, "fixed", 2, False, 0.0, 0.0, 0.5), (3, "fixed", 1, False, 0.2, 0.0, 0.5),
+        (4, "ramp", 0, False, 0.0, 0.0, 0.5), (3, "ramp", 1, False, 0.0, 0.0, 0.5), (4, "ramp", 1, False, 0.0, 0.0, 0.5),
+        (5, "ramp", 1, False, 0.0, 0.0, 0.5), (4, "adaptive", 1, False, 0.0, 0.1, 0.5), (4, "adaptive", 1, False, 0.0, 0.2, 0.5),
+        (6, "ramp", 0, False, 0.0, 0.0, 0.5), (8, "ramp", 0, False, 0.0, 0.0, 0.5),
+        # score mixing switching late: the non-keyframe steps before the switch skip the network (as fewer steps
+        # do), the last ones reuse features (the detail fewer steps lose)
+        (2, "fixed", 0, True, 0.0, 0.0, 0.7), (2, "fixed", 0, True, 0.0, 0.0, 0.8), (2, "fixed", 0, True, 0.0, 0.0, 0.9),
+        (2, "fixed", 0, True, 0.0, 0.0, 1.0), (2, "fixed", 1, True, 0.0, 0.0, 0.8),
     ]:
-        name = f"FR {schedule} i{interval} o{order}" + (" mix" if mixing else "") + (f" start {start}" if start else "") + (f" thr {thr}" if schedule == "adaptive" else "")
-        out.append({"name": name, "interval": interval, "schedule": schedule, "order": order, "mixing": mixing, "start": start, "threshold": thr})
+        name = (f"FR {schedule} i{interval} o{order}" + (" mix" if mixing else "") + (f" bias {bias}" if mixing and bias != 0.5 else "")
+                + (f" start {start}" if start else "") + (f" thr {thr}" if schedule == "adaptive" else ""))
+        out.append({"name": name, "interval": interval, "schedule": schedule, "order": order, "mixing": mixing, "start": start,
+                    "threshold": thr, "bias": bias})
     return out
 
 
 def patch_fr(fr, model, s: dict):
-    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", PARTS, s["mixing"], 0.5,
+    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", PARTS, s["mixing"], s.get("bias", 0.5),
                                        s["order"], s["schedule"], s["threshold"] or 0.15).result[0]
 
 
@@ -287,22 +294,25 @@ def main() -> None:
 
     t0 = time.time()
     run("baseline", FULL, b.model)
-    for n in (8, 10, 12, 14) if "fewer" in groups else ():
+    for n in (8, 9, 10, 11, 12, 14) if "fewer" in groups else ():
         run("fewer steps", f"euler {n} steps", b.model, steps=n)
-    for thr in (0.1, 0.2, 0.3) if "easycache" in groups else ():
-        run("EasyCache", f"EasyCache {thr}", EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0])
+    # EasyCache on fewer steps too: FeatureReuse's score mixing skips whole steps early, so the fair rival
+    # of a mixing setting includes EasyCache on a shorter schedule
+    for thr, n in ((0.1, STEPS), (0.15, STEPS), (0.2, STEPS), (0.3, STEPS), (0.1, 16), (0.1, 14)) if "easycache" in groups else ():
+        run("EasyCache", f"EasyCache {thr}" + (f", {n} steps" if n != STEPS else ""),
+            EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0], steps=n)
     lo, hi = (int(v) if v else None for v in args.fr_slice.split(":"))
     for s in fr_settings()[lo:hi] if "fr" in groups else ():
         run(f"FR order {s['order']}", s["name"], patch_fr(fr, b.model, s), fr=True, order=s["order"], setting=s)
     if args.kb_size and "redi" in groups:
-        kb = b.build_kb(f"fixed_{args.kb_size}", args.kb_size, "fixed")
+        kb = b.build_kb(f"fixed_{args.kb_size}_k2", args.kb_size, "fixed", steps=(2, 3, 4, 10, 14))
         # start 0.25: no reuse in the key phase, whose latent must stay on the KB's trajectory (the KB is built
         # without FeatureReuse); the percent is a noise level, so it means the same in the key phase and the finish
-        fr_i2 = [{"name": f"i2 o0 mix start {st}", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": st,
-                  "threshold": 0.0} for st in (0.0, 0.25)]
-        for k, v in ((4, 10), (3, 14)):
+        fr_i2 = {st: {"name": f"i2 o0 mix start {st}", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": st,
+                      "threshold": 0.0} for st in (0.0, 0.25)}
+        for k, v, starts in ((4, 10, (0.0, 0.25)), (3, 14, (0.0, 0.25)), (2, 14, (0.25,))):
             run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, "latent"))
-            for s in fr_i2:
+            for s in (fr_i2[st] for st in starts):
                 run("ReDi+FR", f"ReDi k={k} v={v} + FR {s['name']}", patch_fr(fr, b.model, s), steps=STEPS - v + k,
                     sampler=b.redi(kb, k, v, 1, "latent"), fr=True, order=0, setting=s)
     print(f"demo-model runs: {time.time() - t0:.0f}s", flush=True)

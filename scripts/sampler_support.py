@@ -43,10 +43,6 @@ STEPS, CFG, SEED, K, V = 20, 6.0, 1024, 4, 10
 PSNR_MIN, ACC_POINTS = 20.0, 2.0
 
 
-def _slice_cond(cond, idx):
-    return [[c[0][idx], {k: (v[idx] if torch.is_tensor(v) else v) for k, v in c[1].items()}] for c in cond]
-
-
 class Support:
     def __init__(self, out: Path, kb_size: int, queries: int) -> None:
         host.load_pack()
@@ -120,7 +116,7 @@ class Support:
             redi_on = redi_off.copy()
             rej = np.flatnonzero(~on.accepted)
             if len(rej):
-                lat = ph.finish(_slice_cond(self.cond, rej), state.x[rej], K, seeds[0], rows=rej)
+                lat = ph.finish(self.cond, state.x[rej], K, seeds[0], rows=rej)
                 redi_on[rej] = self._decode(lat.float().cpu())
             p_off, p_on = evaluator.psnr(redi_off, full), evaluator.psnr(redi_on, full)
             acc = {name: float(np.mean(list(evaluator.accuracy(self.net, imgs, self.samples).values())))
