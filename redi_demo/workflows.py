@@ -90,10 +90,23 @@ def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
     g = demo_txt2img(prompt, seed)
     g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
         "model": ["1", 0], "interval": 2, "start_percent": 0.0, "end_percent": 1.0, "blocks": "all",
-        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.5,
+        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.8,
         "order": 0, "schedule": "fixed", "threshold": 0.15}}
     g["5"]["inputs"]["model"] = ["14", 0]
     g["9"]["inputs"]["filename_prefix"] = "feature_reuse"
+    return g
+
+
+def redi_feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str | None = None) -> dict:
+    """ReDi KSampler on a FeatureReuse model: the KB is built on the unpatched model, and reuse starts
+    at 25% so that ReDi's key phase stays on the KB's trajectories."""
+    g = redi_ksampler(prompt, seed, prompts)
+    g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
+        "model": ["1", 0], "interval": 2, "start_percent": 0.25, "end_percent": 1.0, "blocks": "all",
+        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.8,
+        "order": 0, "schedule": "fixed", "threshold": 0.15}}
+    g["7"]["inputs"]["model"] = ["14", 0]
+    g["9"]["inputs"]["filename_prefix"] = "redi_feature_reuse"
     return g
 
 
@@ -118,6 +131,7 @@ EXAMPLES = {
     "redi_sampler_custom": redi_sampler_custom,
     "feature_reuse": feature_reuse,
     "stylize": stylize,
+    "redi_feature_reuse": redi_feature_reuse,
 }
 
 # name -> the UI file's name, which the frontend's template browser (1.32.9) shows as the title
@@ -130,4 +144,5 @@ TITLES = {
     "redi_sampler_custom": "4 ReDi Sampler in SamplerCustomAdvanced",
     "feature_reuse": "5 FeatureReuse (FRDiff) speeds up a KSampler",
     "stylize": "6 Zero-shot stylization with ReDi Style Split",
+    "redi_feature_reuse": "7 ReDi KSampler on a FeatureReuse model, both speed-ups together",
 }
