@@ -86,12 +86,16 @@ def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
     return g
 
 
-def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
-    g = demo_txt2img(prompt, seed)
-    g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
-        "model": ["1", 0], "interval": 2, "start_percent": 0.0, "end_percent": 1.0, "blocks": "all",
+def _feature_reuse_node(start_percent: float) -> dict:
+    return {"class_type": "ReDiFeatureReuse", "inputs": {
+        "model": ["1", 0], "interval": 2, "start_percent": start_percent, "end_percent": 1.0, "blocks": "all",
         "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.8,
         "order": 0, "schedule": "fixed", "threshold": 0.15}}
+
+
+def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    g = demo_txt2img(prompt, seed)
+    g["14"] = _feature_reuse_node(0.0)
     g["5"]["inputs"]["model"] = ["14", 0]
     g["9"]["inputs"]["filename_prefix"] = "feature_reuse"
     return g
@@ -101,10 +105,7 @@ def redi_feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str
     """ReDi KSampler on a FeatureReuse model: the KB is built on the unpatched model, and reuse starts
     at 25% so that ReDi's key phase stays on the KB's trajectories."""
     g = redi_ksampler(prompt, seed, prompts)
-    g["14"] = {"class_type": "ReDiFeatureReuse", "inputs": {
-        "model": ["1", 0], "interval": 2, "start_percent": 0.25, "end_percent": 1.0, "blocks": "all",
-        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.8,
-        "order": 0, "schedule": "fixed", "threshold": 0.15}}
+    g["14"] = _feature_reuse_node(0.25)
     g["7"]["inputs"]["model"] = ["14", 0]
     g["9"]["inputs"]["filename_prefix"] = "redi_feature_reuse"
     return g
