@@ -1,6 +1,8 @@
 """FeatureReuse against fewer steps and EasyCache, on a compute-honest footing.
 
     .venv/bin/python scripts/benchmark_feature_reuse.py [--queries 100] [--batch 50] [--kb-size 300] [--out out/bench_fr]
+    .venv/bin/python scripts/benchmark_feature_reuse.py --sd15-only out/sd15_times_256.json   # per-call times only
+    .venv/bin/python scripts/benchmark_feature_reuse.py --sd15-runs out/sd15_runs_256.json   # whole-run check of them
 
 Every setting runs the same queries on the demo model (euler, 20 steps, cfg 6, the KB's fixed
 seed) and gets, in one table (OUT/results.md, OUT/results.json) and one plot
