@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--sd15-orders", default="0,1,2", help="with --sd15-only: the FeatureReuse orders to time (others are kept from an existing file)")
     ap.add_argument("--sd15-runs", default="", help="time whole 20-step runs of a few fixed-count settings on the SD1.5-size UNet "
                     "and write them to this JSON (checks the per-call cost model end to end)")
+    ap.add_argument("--only", default="", help="run only these rows (names separated by |; the full baseline always runs)")
+    ap.add_argument("--paired", default="", help="also compare this row's per-image PSNR with every other row's, paired over the same images")
     ap.add_argument("--fr-slice", default=":", help="run only these FeatureReuse settings of the list, as a Python slice (e.g. 0:8)")
     args = ap.parse_args()
     if args.queries % args.batch:
@@ -317,7 +319,11 @@ def main() -> None:
     del sd15
     rows: list[dict] = []
 
-    def run(group: str, name: str, model, steps: int = STEPS, sampler=None, **extra) -> dict:
+    only = set(args.only.split("|")) if args.only else None
+
+    def run(group: str, name: str, model, steps: int = STEPS, sampler=None, **extra) -> dict | None:
+        if only is not None and name != FULL and name not in only:
+            return None
         state = fr_state(model) if extra.get("fr") else None
         acct = Accounting(state)
         m = acct.attach(model)
@@ -328,6 +334,7 @@ def main() -> None:
             b.refs["same"] = imgs
         row = b.record(group, name, imgs, wall, nfe, "same", "same")
         row.update(cpu_s=cpu, net_calls=acct.net_calls, steps_per_run=steps, runs=acct.runs, **{k: v for k, v in extra.items() if k != "fr"})
+        row["psnr_items"] = [float(p) for p in B.evaluator.psnr(imgs, b.refs["same"])]  # for paired comparisons
         if state is not None:
             row["fr_kinds"] = dict(acct.kinds)
             total, per_module = demo_flops
@@ -398,6 +405,23 @@ def pareto(rows: list[dict], key: str, lower_is_better: bool) -> list[dict]:
     return front
 
 
+def paired_table(rows: list[dict], name: str) -> str:
+    """Per-image PSNR of row `name` minus each other row's, over the same images: mean, its
+    standard error, and the share of images where `name` is closer to the full run."""
+    ref = next((r for r in rows if r["name"] == name and r.get("psnr_items")), None)
+    if ref is None:
+        return f"(no per-image PSNR for {name!r}: run it with this version of the script)"
+    a = np.array(ref["psnr_items"])
+    lines = [f"Paired PSNR, {name} minus each row (same images):", "", "| row | SD1.5-size cost | mean dB | standard error | images closer |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r is ref or r["name"] == FULL or len(r.get("psnr_items") or []) != len(a):
+            continue
+        d = a - np.array(r["psnr_items"])
+        lines.append(f"| {r['name']} | {r['sd15_cost']:.3f} | {d.mean():+.2f} | {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {(d > 0).mean():.0%} |")
+    return "\n".join(lines)
+
+
 def write(rows: list[dict], times: dict, args, out: Path, note: str = "") -> None:
     import matplotlib
 
@@ -410,6 +434,8 @@ def write(rows: list[dict], times: dict, args, out: Path, note: str = "") -> Non
            f"full {t['full']:.2f}, sampler overhead per step {t['overhead_per_step']:.3f}; "
            + "; ".join(f"FR order {o}: keyframe {v['key']:.2f}, reuse {v['reuse']:.2f}, jump {v['jump']:.4f}" for o, v in t["orders"].items()))
     md += f"\n\n{args.queries} queries (batch {args.batch}), euler {STEPS} steps, cfg {B.CFG}, the KB's fixed seed; KB of {args.kb_size} for the ReDi rows. {note}"
+    if args.paired:
+        md += "\n\n" + paired_table(rows, args.paired)
     print("\n" + md)
     (out / "results.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps({"rows": rows, "sd15_call_times": times, "machine": platform.platform(),
