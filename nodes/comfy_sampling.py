@@ -294,6 +294,17 @@ class Capture(comfy.samplers.Sampler):
         return self.inner.max_denoise(model_wrap, sigmas)
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        if self.rows is None or self.noise is None:
+            return self._sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        # a sub-batch gets its own rows of a per-item conditioning (ComfyUI would give it the first rows)
+        conds = model_wrap.conds
+        model_wrap.conds = processed_conds_rows(conds, self.rows, self.noise.batch)
+        try:
+            return self._sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        finally:
+            model_wrap.conds = conds
+
+    def _sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
         proxy = _RecordingModel(model_wrap)
         ms = model_wrap.inner_model.model_sampling
         inner = self.inner
@@ -335,26 +346,25 @@ def _item_rows(t, rows: np.ndarray, batch: int):
     return t
 
 
-def conditioning_rows(conds: list, rows: np.ndarray, batch: int) -> list:
-    """The conditioning of batch rows `rows` of a batch of `batch` items. A conditioning with one
-    entry per item (a tensor whose first size is the batch) is sliced to those rows: ComfyUI would
-    otherwise give a sub-batch of m items the first m entries, the wrong prompts. One shared by
-    the whole batch (size 1, the usual case) is returned as it is."""
-    return [[_item_rows(t, rows, batch), {k: _item_rows(v, rows, batch) for k, v in opts.items()}] for t, opts in conds]
+def _cond_rows(c, rows: np.ndarray, batch: int):
+    """A comfy.conds object for batch rows `rows`: itself when nothing is per item."""
+    t = getattr(c, "cond", None)
+    sliced = _item_rows(t, rows, batch)
+    return c if sliced is t else c._copy_with(sliced)
 
 
 def processed_conds_rows(conds: dict, rows: np.ndarray, batch: int) -> dict:
-    """`conditioning_rows` for conditionings a CFGGuider has already processed (model_wrap.conds)."""
+    """The conditionings a CFGGuider has processed (model_wrap.conds) for batch rows `rows` of a batch
+    of `batch` items. A conditioning with one entry per item (a tensor whose first size is the batch)
+    is sliced to those rows: ComfyUI would otherwise give a sub-batch of m items the first m entries,
+    the wrong prompts. One shared by the whole batch (size 1, the usual case) is kept as it is."""
     out = {}
     for name, entries in conds.items():
         out[name] = []
         for entry in entries:
-            entry = dict(entry)
+            entry = {k: _item_rows(v, rows, batch) for k, v in entry.items()}  # e.g. a per-item area mask
             if isinstance(entry.get("model_conds"), dict):
-                entry["model_conds"] = {
-                    k: c._copy_with(_item_rows(c.cond, rows, batch)) if torch.is_tensor(getattr(c, "cond", None)) else c
-                    for k, c in entry["model_conds"].items()
-                }
+                entry["model_conds"] = {k: _cond_rows(c, rows, batch) for k, c in entry["model_conds"].items()}
             out[name].append(entry)
     return out
 
@@ -384,17 +394,15 @@ class Phases:
         self.sigmas = ksampler_sigmas(model, sampler, scheduler, steps)
         self.preview = latent_preview.prepare_callback(model, steps) if preview else None
         self.noise_plan: NoisePlan | None = None
-        self.batch = 1  # of the last key phase
 
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
 
-    def _run(self, cap: Capture, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, seed: int,
-             negative=None):
+    def _run(self, cap: Capture, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, seed: int):
         preview = None
         if self.preview is not None:
             preview = lambda i, x0, x, _total: self.preview(i + cap.offset, x0, x, self.steps)  # noqa: E731
-        return comfy.samplers.sample(self.model, noise, positive, self.negative if negative is None else negative, self.cfg, self.model.load_device, cap, sigmas,
+        return comfy.samplers.sample(self.model, noise, positive, self.negative, self.cfg, self.model.load_device, cap, sigmas,
                                      model_options=self.model.model_options, latent_image=latent, callback=preview,
                                      disable_pbar=True, seed=seed)
 
@@ -410,7 +418,6 @@ class Phases:
         """The first k steps, on the trajectory a full run takes; `noise` as comfy.sample.prepare_noise makes it
         (`item_seeds`: each item's noise as a batch of one with its seed, as `trajectory` does)."""
         stop = stop_step_for(self.sampler, k)
-        self.batch = latent.shape[0]
         self.noise_plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds)
         cap = Capture(self.sampler, stop_at=stop, noise=self.noise_plan)
         self._run(cap, positive, latent, noise, self.sigmas if stop else self.sigmas[: k + 1], seed)
@@ -422,11 +429,7 @@ class Phases:
         cap = Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
         x = to_latent_image(self.model_sampling, float(self.sigmas[start]), torch.from_numpy(np.ascontiguousarray(x_model)))
         x = self.to_out(x)
-        negative = None
-        if rows is not None:
-            positive = conditioning_rows(positive, rows, self.batch)
-            negative = conditioning_rows(self.negative, rows, self.batch)
-        return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed, negative)
+        return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed)
 
     def full(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, item_seeds: list[int] | None = None) -> torch.Tensor:
         """The stock KSampler's run (each item as a batch of one with `item_seeds`), for benchmarks."""

@@ -77,13 +77,8 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                 if callback is not None:
                     callback(i + start, x0, x, steps)
 
-            # a sub-batch gets its own rows of a per-item conditioning (ComfyUI would take the first rows)
-            model_wrap.conds = comfy_sampling.processed_conds_rows(saved_conds, idx, noise.shape[0])
-            try:
-                out[idx] = finish.sample(model_wrap, sigmas[start:], dict(extra_args), finish_cb, torch.zeros_like(src), src,
-                                         None if denoise_mask is None else denoise_mask[idx], disable_pbar)
-            finally:
-                model_wrap.conds = saved_conds
+            out[idx] = finish.sample(model_wrap, sigmas[start:], dict(extra_args), finish_cb, torch.zeros_like(src), src,
+                                     None if denoise_mask is None else denoise_mask[idx], disable_pbar)
         self.last_report = summary_lines(ret, params, steps) + notes
         logging.info("[ReDi Sampler] %s", "\n".join(self.last_report))
         kb_types.send_report(getattr(self, "report_node", None), self.last_report)

@@ -142,16 +142,22 @@ class CallTimer:
         return out
 
 
+def sd15_setup(size: int) -> tuple:
+    """The SD1.5-size UNet (random weights), a fixed conditioning, an empty latent of `size` pixels and its noise."""
+    import comfy.sample
+
+    ctx = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)) * 0.1, {}]]
+    lat = torch.zeros(1, 4, size // 8, size // 8)
+    return B.sd15_patcher(), ctx, lat, comfy.sample.prepare_noise(lat, 0)
+
+
 def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: dict | None = None) -> dict:
     """Per-call CPU seconds on the SD1.5-size UNet: a full call, the sampler's per-step
     overhead, and FeatureReuse's keyframe / reuse / jump calls for orders 0, 1, 2."""
     import comfy.patcher_extension as pe
     import comfy.sample
 
-    patcher = B.sd15_patcher()
-    ctx = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)) * 0.1, {}]]
-    lat = torch.zeros(1, 4, size // 8, size // 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
+    patcher, ctx, lat, noise = sd15_setup(size)
 
     def timed(model, steps, state=None):
         timer = CallTimer(state)
@@ -186,10 +192,9 @@ def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: d
     return out
 
 
-SD15_RUNS = [("euler 10 steps", 10, None), ("euler 11 steps", 11, None),
-             ("FR fixed i2 o0 mix bias 0.8", STEPS, {"interval": 2, "mixing": True, "bias": 0.8}),
-             ("FR fixed i2 o0 mix", STEPS, {"interval": 2, "mixing": True, "bias": 0.5}),
-             ("FR fixed i2 o0", STEPS, {"interval": 2, "mixing": False, "bias": 0.5})]
+# (row name, steps): fewer-steps rows, and FeatureReuse rows of fr_settings() by name
+SD15_RUNS = [("euler 10 steps", 10), ("euler 11 steps", 11), ("FR fixed i2 o0 mix bias 0.8", STEPS),
+             ("FR fixed i2 o0 mix", STEPS), ("FR fixed i2 o0", STEPS)]
 
 
 def sd15_runs(fr, size: int) -> list[dict]:
@@ -197,10 +202,8 @@ def sd15_runs(fr, size: int) -> list[dict]:
     setting over the full 20-step run's, to check the per-call cost model end to end."""
     import comfy.sample
 
-    patcher = B.sd15_patcher()
-    ctx = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0)) * 0.1, {}]]
-    lat = torch.zeros(1, 4, size // 8, size // 8)
-    noise = comfy.sample.prepare_noise(lat, 0)
+    patcher, ctx, lat, noise = sd15_setup(size)
+    settings = {s["name"]: s for s in fr_settings()}
 
     def timed(m, steps):
         c0, w0 = time.process_time(), time.perf_counter()
@@ -210,9 +213,8 @@ def sd15_runs(fr, size: int) -> list[dict]:
     timed(patcher, 1)  # warm-up
     rows = [{"name": FULL, "steps": STEPS}]
     rows[0]["wall_s"], rows[0]["cpu_s"] = timed(patcher, STEPS)
-    for name, steps, s in SD15_RUNS:
-        m = patcher if s is None else fr.ReDiFeatureReuse.execute(patcher, s["interval"], 0.0, 1.0, "all", PARTS, s["mixing"],
-                                                                     s["bias"], 0, "fixed", 0.15).result[0]
+    for name, steps in SD15_RUNS:
+        m = patch_fr(fr, patcher, settings[name]) if name in settings else patcher
         wall, cpu = timed(m, steps)
         rows.append({"name": name, "steps": steps, "wall_s": wall, "cpu_s": cpu})
     for r in rows:

@@ -40,12 +40,17 @@ def test_finish_of_some_rows_uses_their_own_prompts(env, rows):
 
 
 def test_shared_conditioning_is_left_alone(env):
+    import comfy.conds
+
     cs, _, cond, _ = env
-    shared = [[cond[0][0][:1], {"pooled_output": cond[0][1]["pooled_output"][:1]}]] if "pooled_output" in cond[0][1] else [[cond[0][0][:1], {}]]
-    out = cs.conditioning_rows(shared, np.array([2]), 3)
-    assert out[0][0] is shared[0][0]
-    sliced = cs.conditioning_rows(cond, np.array([2]), 3)
-    assert torch.equal(sliced[0][0], cond[0][0][2:3])
+    per_item, shared = comfy.conds.CONDCrossAttn(cond[0][0]), comfy.conds.CONDCrossAttn(cond[0][0][:1])
+    mask = torch.ones(3, 8, 8)
+    conds = {"positive": [{"model_conds": {"c_crossattn": per_item}, "mask": mask}], "negative": [{"model_conds": {"c_crossattn": shared}}]}
+    out = cs.processed_conds_rows(conds, np.array([2]), 3)
+    assert out["negative"][0]["model_conds"]["c_crossattn"] is shared
+    assert torch.equal(out["positive"][0]["model_conds"]["c_crossattn"].cond, cond[0][0][2:3])
+    assert out["positive"][0]["mask"].shape[0] == 1
+    assert conds["positive"][0]["model_conds"]["c_crossattn"] is per_item  # the guider's own conds are not changed
 
 
 def test_redi_sampler_finishes_each_subset_with_its_own_prompts(env, tmp_path):
