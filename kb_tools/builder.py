@@ -8,28 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kb_format, kb_writer
 from .errors import KBError
-from .kb_format import Entry, Fingerprint, State
+from .storage import disk_format as kb_format
+from .storage import writer as kb_writer
+from .storage.disk_format import Entry, Fingerprint, State
 
 # (prompts, seeds) -> ({step: B x C x H x W latents}, {step: B x C x H x W denoised})
 RunBatch = Callable[[list[str], list[int]], tuple[dict[int, np.ndarray], dict[int, np.ndarray]]]
 
-# Fields that must agree for two builds (or shards) to share a KB.
-COMPAT_FIELDS = ("model_hash", "latent_shape", "sampler", "scheduler", "steps", "cfg", "stored_steps", "seed_mode", "negative_hash", "sampling", "negative_cond")
 
 
 def clean_prompts(prompts: list[str]) -> list[str]:
     """Strip whitespace, drop empty lines and `#` comments."""
     return [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
-
-
-def incompatible(a: Fingerprint, b: Fingerprint) -> list[str]:
-    """Fingerprint fields that keep two builds or shards out of one KB."""
-    bad = a.mismatches(b, COMPAT_FIELDS)
-    if a.seed_mode == "fixed" and a.seed != b.seed:
-        bad.append("seed")
-    return bad
 
 
 def build(

@@ -23,8 +23,8 @@ import numpy as np
 
 from . import builder
 from .errors import KBError
-from .kb_format import DEFAULT_STORED_STEPS, listed_files, read_header, read_state
-from .knowledge_base import KnowledgeBase
+from .storage.disk_format import DEFAULT_STORED_STEPS, listed_files, read_header, read_state
+from .storage.knowledge_base import KnowledgeBase
 
 
 def _kb_size(path: Path) -> int:
@@ -45,28 +45,28 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from .kb_validate import validate_kb
+    from .storage.validate import validate_kb
 
     n = validate_kb(Path(args.kb))
     print(f"ok: {Path(args.kb).name}, {n} entries; every file, row checksum, value and index checked")
 
 
 def cmd_upgrade(args) -> None:
-    from .kb_upgrade import upgrade
+    from .storage.upgrade import upgrade
 
     st = upgrade(Path(args.old), Path(args.new), dtype=args.dtype)
     print(f"upgraded {args.old} -> {args.new}: {st.count} entries, format 2, {args.dtype}")
 
 
 def cmd_recall(args) -> None:
-    from .recall import measure_recall, print_table
+    from .measure.recall import measure_recall, print_table
 
     print_table(measure_recall(Path(args.kb), args.space, args.step, args.queries, args.noise, args.h,
                                [int(v) for v in args.rerank.split(",")], [int(v) for v in args.key_dims.split(",")]))
 
 
 def cmd_bench_scale(args) -> None:
-    from .bench_scale import run
+    from .measure.bench_scale import run
 
     run(args)
 
@@ -109,7 +109,7 @@ def _prompts_from_args(args) -> list[str]:
 
 
 def cmd_build_distributed(args) -> None:
-    from . import dist_build
+    from .distributed import build as dist_build
 
     if args.dtype != "float16":
         raise KBError("--dtype float32 is for in-process builds; the workers' KB Builder node stores float16")

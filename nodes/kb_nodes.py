@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
+from .. import comfy_adapter
 from ..kb_tools import builder
 from ..kb_tools.errors import KBError
-from ..kb_tools.kb_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
-from ..kb_tools.knowledge_base import KnowledgeBase
-from ..kb_tools.paths import confined_file, read_text_lines
-from . import comfy_sampling, kb_types
+from ..kb_tools.storage.disk_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
+from ..kb_tools.storage.knowledge_base import KnowledgeBase
+from ..kb_tools.storage.paths import confined_file, read_text_lines
+from . import kb_types
 
 
 def encode_batch(clip, prompts: list[str]):
@@ -93,7 +94,7 @@ class ReDiKBBuilder(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
-        return comfy_sampling.sampler_problem(sampler_name, scheduler)
+        return comfy_adapter.sampler_problem(sampler_name, scheduler)
 
     @classmethod
     def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
@@ -142,26 +143,26 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
     total)` is called per finished batch; `step_progress(steps done, total)` per sampling step."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
-    comfy_sampling.check_sampler(sampler_name, scheduler)
+    comfy_adapter.check_sampler(sampler_name, scheduler)
     latent_channels = model.get_model_object("latent_format").latent_channels
     neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
     negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]
     fp = Fingerprint(
-        model_hash=comfy_sampling.model_hash(model), model_name=type(model.model.model_config).__name__,
+        model_hash=comfy_adapter.model_hash(model), model_name=type(model.model.model_config).__name__,
         latent_shape=(latent_channels, height // 8, width // 8), sampler=sampler_name, scheduler=scheduler,
         steps=steps, cfg=float(cfg), stored_steps=stored, seed_mode=seed_mode, seed=int(seed),
-        negative_hash=text_hash(negative), sampling=comfy_sampling.sampling_signature(model),
-        negative_cond=comfy_sampling.conditioning_signature(negative_cond),
+        negative_hash=text_hash(negative), sampling=comfy_adapter.sampling_signature(model),
+        negative_cond=comfy_adapter.conditioning_signature(negative_cond),
     )
     sampling_model, on_batch = model, progress
     if step_progress is not None:
-        tracker = StepProgress(comfy_sampling.sigmas_for(model, scheduler, steps), steps, step_progress)
+        tracker = StepProgress(comfy_adapter.sigmas_for(model, scheduler, steps), steps, step_progress)
         sampling_model = tracker.attach(model)
 
         def on_batch(done, total):
             tracker.batch_done(done, total)
             progress(done, total)
-    phases = comfy_sampling.Phases(sampling_model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
+    phases = comfy_adapter.Phases(sampling_model, steps, cfg, sampler_name, scheduler, negative_cond, preview=False)
 
     def run_batch(batch, seeds):
         # every item gets the initial and per-step noise of a batch-of-one run with its seed
@@ -172,10 +173,10 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         if step_progress is not None:
             tracker.batch = len(batch)
         latent = torch.zeros((len(batch), latent_channels, height // 8, width // 8))
-        return phases.trajectory(cond, latent, comfy_sampling.noise_for(latent, seeds), seeds, stored)
+        return phases.trajectory(cond, latent, comfy_adapter.noise_for(latent, seeds), seeds, stored)
 
     return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=on_batch,
-                         check_interrupt=comfy_sampling.check_interrupt, dtype=dtype)
+                         check_interrupt=comfy_adapter.check_interrupt, dtype=dtype)
 
 
 class ReDiKBLoader(io.ComfyNode):

@@ -12,8 +12,8 @@ import logging
 
 from aiohttp import web
 
-from ..kb_tools import kb_serve
-from ..kb_tools.kb_format import FORMAT_VERSION
+from ..kb_tools.distributed import serve as kb_serve
+from ..kb_tools.storage.disk_format import FORMAT_VERSION
 from ..kb_tools.version import PACK_VERSION
 from . import kb_types
 

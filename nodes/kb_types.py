@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..kb_tools.errors import KBError
-from ..kb_tools.kb_format import MANIFEST
+from ..kb_tools.storage.disk_format import MANIFEST
 
 KB_FOLDER = "redi_kb"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -8,8 +8,10 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..kb_tools.redi_loop import GUARD_DEFAULTS, retrieve, summary_lines
-from . import comfy_sampling, kb_types, redi_compat
+from .. import comfy_adapter
+from ..comfy_adapter import kb_match
+from ..redi_core.retrieval import GUARD_DEFAULTS, retrieve, summary_lines
+from . import kb_types
 
 
 def redi_inputs() -> list:
@@ -19,7 +21,7 @@ def redi_inputs() -> list:
         io.Int.Input("key_step", default=4, min=1, max=1000, tooltip="Steps sampled before retrieval (k). Later keys match more precisely but skip less. Must be a stored step of the KB."),
         io.Int.Input("value_step", default=10, min=2, max=1000, tooltip="Step the blended neighbours jump to (v > k). Steps k..v are skipped: more skipping is faster and drifts further from the full result. Must be a stored step. Where the scheduler leaves little noise at v (e.g. karras or exponential at 20 steps, v=10), the guard uses only close neighbours and samples the rest in full (the report says so)."),
         io.Int.Input("neighbours", default=1, min=1, max=64, tooltip="Neighbours H blended with least-squares weights. 1 rescales the nearest trajectory (the authors' setting)."),
-        io.Combo.Input("key_space", options=redi_compat.KEY_SPACE_OPTIONS, default="auto", tooltip="latent: match noisy latents (the paper; needs the KB's seed). denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed). auto: latent when the seed is the KB's fixed seed, else denoised."),
+        io.Combo.Input("key_space", options=kb_match.KEY_SPACE_OPTIONS, default="auto", tooltip="latent: match noisy latents (the paper; needs the KB's seed). denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed). auto: latent when the seed is the KB's fixed seed, else denoised."),
         io.Float.Input("max_key_distance", default=GUARD_DEFAULTS["max_key_distance"], min=0.0, max=10.0, step=0.01,
                        tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), the item is sampled in full from the key step instead, and the report says so. The default is calibrated on the demo model (README); 0 turns the guard's distance checks off, the noise-level check included."),
         io.Float.Input("max_residual", default=GUARD_DEFAULTS["max_residual"], min=0.0, max=10.0, step=0.01,
@@ -72,26 +74,26 @@ class ReDiKSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
-        return comfy_sampling.sampler_problem(sampler_name, scheduler)
+        return comfy_adapter.sampler_problem(sampler_name, scheduler)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,
                 value_step, neighbours, key_space, max_key_distance, max_residual, content_positive=None,
                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        notes = redi_compat.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
+        notes = kb_match.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
         if latent_image.get("noise_mask") is not None or torch.count_nonzero(latent) > 0:
             raise ValueError("ReDi KSampler samples from pure noise (txt2img): connect an Empty Latent Image; for img2img use the stock KSampler")
-        params = redi_compat.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
+        params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
                                             latent.shape[0], max_weight_deviation)
         counter = NFECounter()
         counted = counter.attach(model)
-        phases = comfy_sampling.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
+        phases = comfy_adapter.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
         noise = comfy.sample.prepare_noise(latent, seed)
         state = phases.key_phase(content_positive if content_positive is not None else positive, latent, noise, seed, params.key_step)
         key_calls = counter.calls
         ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),
-                       noise=comfy_sampling.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
+                       noise=comfy_adapter.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
         out = torch.zeros(latent.shape)
         for start, idx, src in ret.starts(state, params):
             out[idx] = phases.finish(positive, src, start, seed, rows=idx).float().cpu()
@@ -103,5 +105,5 @@ class ReDiKSampler(io.ComfyNode):
 
 def nfe_line(total: int, key_calls: int, sampler: str, k: int) -> str:
     """The UNet calls this run really made (no estimate of a full run's count)."""
-    extra = "" if comfy_sampling.stop_step_for(sampler, k) is None else f", the whole schedule run to step {k} as the KB's trajectory"
+    extra = "" if comfy_adapter.stop_step_for(sampler, k) is None else f", the whole schedule run to step {k} as the KB's trajectory"
     return f"UNet calls: {total} (key phase {key_calls}{extra}; finish {total - key_calls})"

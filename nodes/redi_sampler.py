@@ -9,9 +9,11 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
+from .. import comfy_adapter
+from ..comfy_adapter import kb_match
 from ..kb_tools.errors import KBError
-from ..kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
-from . import comfy_sampling, kb_types, redi_compat
+from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
+from . import kb_types
 from .redi_ksampler import redi_inputs
 
 
@@ -37,8 +39,8 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         patcher = model_wrap.model_patcher
         steps = len(sigmas) - 1
         negative = model_wrap.original_conds.get("negative")
-        notes = redi_compat.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name, None, negative)
-        expected = comfy_sampling.ksampler_sigmas(patcher, fp.sampler, fp.scheduler, fp.steps)
+        notes = kb_match.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name, None, negative)
+        expected = comfy_adapter.ksampler_sigmas(patcher, fp.sampler, fp.scheduler, fp.steps)
         if sigmas.shape != expected.shape or not torch.allclose(sigmas.float().cpu(), expected.float(), rtol=1e-4, atol=1e-5):
             extra = (f" ({fp.sampler} in the stock KSampler drops the penultimate sigma of a {fp.steps + 1}-step schedule; "
                      "use ReDi KSampler for this KB)") if fp.sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS else ""
@@ -46,12 +48,12 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                           "feed ReDi from a scheduler node with those settings")
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
-        params = redi_compat.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
+        params = kb_match.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
                                             self.max_weight_deviation)
         k, v = params.key_step, params.value_step
-        stop = comfy_sampling.stop_step_for(self.inner_name, k)
-        plan = comfy_sampling.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
-        key = comfy_sampling.Capture(self.inner_name, stop_at=stop, noise=plan)
+        stop = comfy_adapter.stop_step_for(self.inner_name, k)
+        plan = comfy_adapter.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
+        key = comfy_adapter.Capture(self.inner_name, stop_at=stop, noise=plan)
 
         saved_conds = model_wrap.conds
         if self.content is not None:
@@ -65,13 +67,13 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                              denoise_mask, disable_pbar)
         finally:
             model_wrap.conds = saved_conds
-        state = comfy_sampling.key_state(key, k, sigmas)
-        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_sampling.noise_levels_of(patcher, sigmas, k, v))
+        state = comfy_adapter.key_state(key, k, sigmas)
+        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_adapter.noise_levels_of(patcher, sigmas, k, v))
         out = x_k.clone()
         ms = model_wrap.inner_model.model_sampling
         for start, idx, start_states in ret.starts(state, params):
-            src = comfy_sampling.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
-            finish = comfy_sampling.Capture(self.inner_name, offset=start, record=False, noise=plan, rows=idx)
+            src = comfy_adapter.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
+            finish = comfy_adapter.Capture(self.inner_name, offset=start, record=False, noise=plan, rows=idx)
 
             def finish_cb(i, x0, x, _n, start=start):
                 if callback is not None:
@@ -105,12 +107,12 @@ class ReDiSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name) -> bool | str:
-        return comfy_sampling.sampler_problem(sampler_name)
+        return comfy_adapter.sampler_problem(sampler_name)
 
     @classmethod
     def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
                 content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
-        comfy_sampling.check_sampler(sampler_name)
+        comfy_adapter.check_sampler(sampler_name)
         ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
         impl = ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
                                max_residual, content_positive, max_weight_deviation)

@@ -4,7 +4,7 @@ example_workflows/api/NAME.json (API format)."""
 
 from __future__ import annotations
 
-from kb_tools.redi_loop import GUARD_DEFAULTS
+from redi_core.retrieval import GUARD_DEFAULTS
 from redi_demo import dataset
 
 CKPT = "redi_demo_shapes.safetensors"

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kb_tools import dist_build  # noqa: E402
+from kb_tools.distributed import build as dist_build  # noqa: E402
 from redi_demo import workflows  # noqa: E402
 from redi_demo.comfy_server import ComfyServer  # noqa: E402
 

@@ -41,10 +41,10 @@ class Bench:
     def __init__(self, out: Path, queries: int, batch: int) -> None:
         host.load_pack()
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
-        self.cs = importlib.import_module("redi_accelerate.nodes.comfy_sampling")
+        self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
         self.rk = importlib.import_module("redi_accelerate.nodes.redi_ksampler")
         self.fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
-        from kb_tools.redi_loop import ReDiParams, retrieve
+        from redi_core.retrieval import ReDiParams, retrieve
 
         self.ReDiParams, self.retrieve = ReDiParams, retrieve
         self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
@@ -137,7 +137,7 @@ class Bench:
 
     def build_kb(self, name: str, n: int, seed_mode: str, plain: bool = False,
                  steps: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 14)) -> object:
-        from kb_tools.knowledge_base import KnowledgeBase
+        from kb_tools.storage.knowledge_base import KnowledgeBase
 
         path = self.out / "kb" / name
         styles = ("plain",) if plain else dataset.STYLES

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
 
-from kb_tools.kb_format import Entry  # noqa: E402
-from kb_tools.kb_writer import append_batch, create_kb  # noqa: E402
-from kb_tools.knowledge_base import KnowledgeBase  # noqa: E402
+from kb_tools.storage.disk_format import Entry  # noqa: E402
+from kb_tools.storage.knowledge_base import KnowledgeBase  # noqa: E402
+from kb_tools.storage.writer import append_batch, create_kb  # noqa: E402
 
 STORED = (3, 4, 6, 10, 12, 14)
 CONFIGS = [(4, 10, 1), (3, 14, 1), (4, 10, 4)]

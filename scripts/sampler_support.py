@@ -11,7 +11,7 @@ Columns: mean PSNR of ReDi to the full run and the evaluator's attribute accurac
 
 Verdict: works = mean PSNR >= 20 dB and accuracy at most 2 points below the full run's in both
 regimes; refused = the pack refuses the sampler (the message is shown); anything else FAILS.
---write-verdicts records the failing pairs in nodes/sampler_verdicts.json, which the pack reads to
+--write-verdicts records the failing pairs in comfy_adapter/sampler_verdicts.json, which the pack reads to
 refuse them (with the samplers that work with that scheduler); a FAILS pair the pack does not refuse
 makes the exit status 1. "(guard n/m)" counts items the guard sampled in full.
 
@@ -46,12 +46,12 @@ PSNR_MIN, ACC_POINTS = 20.0, 2.0
 class Support:
     def __init__(self, out: Path, kb_size: int, queries: int) -> None:
         host.load_pack()
-        self.cs = importlib.import_module("redi_accelerate.nodes.comfy_sampling")
+        self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
         # the nodes raise the pack's own KBError (the pack is imported as redi_accelerate)
         KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
-        from kb_tools.knowledge_base import KnowledgeBase
-        from kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, retrieve
+        from kb_tools.storage.knowledge_base import KnowledgeBase
+        from redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, retrieve
 
         self.KBError, self.KnowledgeBase, self.ReDiParams, self.retrieve = KBError, KnowledgeBase, ReDiParams, retrieve
         self.guard = GUARD_DEFAULTS
@@ -165,7 +165,7 @@ def why(row: dict) -> str:
 
 
 def write_verdicts(rows: list[dict], path: Path) -> None:
-    """nodes/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work."""
+    """comfy_adapter/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work."""
     data = json.loads(path.read_text())
     fails = {s: {k: v for k, v in per.items() if k == "*"} for s, per in data["fails"].items()}
     works: dict[str, list[str]] = {}
@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--measure-refused", action="store_true", help="measure pairs the pack refuses too")
     ap.add_argument("--no-measure", action="store_true", help="only rebuild the table (and verdicts) from OUT/pairs")
-    ap.add_argument("--write-verdicts", action="store_true", help="write the failing pairs to nodes/sampler_verdicts.json (the pack refuses them)")
+    ap.add_argument("--write-verdicts", action="store_true", help="write the failing pairs to comfy_adapter/sampler_verdicts.json (the pack refuses them)")
     ap.add_argument("--restart", action="store_true",
                     help="only measure each sampler's finish from v on the query's own trajectory (no KB, normal scheduler)")
     args = ap.parse_args()
@@ -314,8 +314,8 @@ def main() -> None:
     if args.calibrate:
         print(calibration(items))
     if args.write_verdicts:
-        write_verdicts(rows, ROOT / "nodes" / "sampler_verdicts.json")
-        print("wrote nodes/sampler_verdicts.json")
+        write_verdicts(rows, ROOT / "comfy_adapter" / "sampler_verdicts.json")
+        print("wrote comfy_adapter/sampler_verdicts.json")
     failing = [f"{r['sampler']}/{r['scheduler']}" for r in rows if r["verdict"] == "FAILS"
                and sup.refusal(r["sampler"], r["scheduler"], per_scheduler=True) is None]
     if failing:

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from kb_tools import dist_build, dist_store
-from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.distributed import build as dist_build
+from kb_tools.distributed import store as dist_store
+from kb_tools.storage.knowledge_base import KnowledgeBase
 from redi_demo import workflows
 from redi_demo.comfy_server import ROOT, ComfyServer, free_port
 

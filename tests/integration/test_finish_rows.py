@@ -18,7 +18,7 @@ PROMPTS = ["a large red circle at the center on a white background", "a small bl
 @pytest.fixture(scope="module")
 def env():
     host.load_pack()
-    cs = importlib.import_module("redi_accelerate.nodes.comfy_sampling")
+    cs = importlib.import_module("redi_accelerate.comfy_adapter")
     kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
     model, clip, _ = host.load_checkpoint(host.PACK_ROOT / "models" / "redi_demo_shapes.safetensors")
     neg = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
@@ -58,7 +58,7 @@ def test_redi_sampler_finishes_each_subset_with_its_own_prompts(env, tmp_path):
     rows 1 and 2 (distance bound), which are then sampled from the key step: on their own prompts."""
     import comfy.sample
 
-    from kb_tools.knowledge_base import KnowledgeBase
+    from kb_tools.storage.knowledge_base import KnowledgeBase
 
     cs, model, cond, negative = env
     redi_sampler = importlib.import_module("redi_accelerate.nodes.redi_sampler")

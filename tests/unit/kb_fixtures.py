@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kb_tools.kb_format import Fingerprint
+from kb_tools.storage.disk_format import Fingerprint
 
 SHAPE = (2, 3, 3)
 

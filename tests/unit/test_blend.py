@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kb_tools.blend import blend, lstsq_weights
+from redi_core.blend import blend, lstsq_weights
 
 
 def test_exact_recovery_of_a_linear_combination():

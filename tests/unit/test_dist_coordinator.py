@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kb_tools import builder, dist_store, kb_serve
-from kb_tools.comfy_client import WorkerDown, WorkerRefused
-from kb_tools.dist_build import Coordinator, Limits, Settings
+from kb_tools import builder
+from kb_tools.distributed import serve as kb_serve
+from kb_tools.distributed import store as dist_store
+from kb_tools.distributed.build import Coordinator, Limits, Settings
+from kb_tools.distributed.client import WorkerDown, WorkerRefused
 from kb_tools.errors import KBError
-from kb_tools.kb_format import Fingerprint, text_hash
-from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.storage.disk_format import Fingerprint, text_hash
+from kb_tools.storage.knowledge_base import KnowledgeBase
 from kb_tools.version import PACK_VERSION
 
 from .kb_fixtures import SHAPE, fake_run_batch

@@ -4,11 +4,11 @@ import threading
 
 import pytest
 
-from kb_tools.dist_plan import check_held, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
-from kb_tools.dist_schedule import Scheduler, format_table
-from kb_tools.dist_verify import build_fingerprint, differences, unit_problems
+from kb_tools.distributed.plan import check_held, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
+from kb_tools.distributed.schedule import Scheduler, format_table
+from kb_tools.distributed.verify import build_fingerprint, differences, unit_problems
 from kb_tools.errors import KBError
-from kb_tools.kb_format import Entry
+from kb_tools.storage.disk_format import Entry
 
 from .kb_fixtures import fingerprint
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kb_tools import builder, dist_store, kb_serve
-from kb_tools.dist_plan import check_held, plan_units, unit_kb_name
+from kb_tools import builder
+from kb_tools.distributed import serve as kb_serve
+from kb_tools.distributed import store as dist_store
+from kb_tools.distributed.plan import check_held, plan_units, unit_kb_name
 from kb_tools.errors import KBError
-from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.storage.knowledge_base import KnowledgeBase
 
 from .kb_fixtures import fake_run_batch, fingerprint
 

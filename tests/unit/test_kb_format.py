@@ -3,9 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from kb_tools import builder, kb_format, kb_writer
+from kb_tools import builder
 from kb_tools.errors import KBError
-from kb_tools.knowledge_base import KnowledgeBase
+from kb_tools.storage import disk_format as kb_format
+from kb_tools.storage import writer as kb_writer
+from kb_tools.storage.knowledge_base import KnowledgeBase
 
 from .kb_fixtures import SHAPE, fake_run_batch, fingerprint
 

@@ -10,12 +10,16 @@ import struct
 import numpy as np
 import pytest
 
-from kb_tools import builder, kb_format, kb_index, kb_shard, kb_writer
+from kb_tools import builder
 from kb_tools.errors import KBError
-from kb_tools.kb_format import Entry, encode_line
-from kb_tools.kb_validate import validate_kb
-from kb_tools.knowledge_base import KnowledgeBase
-from kb_tools.paths import confined_file
+from kb_tools.storage import disk_format as kb_format
+from kb_tools.storage import index as kb_index
+from kb_tools.storage import shard as kb_shard
+from kb_tools.storage import writer as kb_writer
+from kb_tools.storage.disk_format import Entry, encode_line
+from kb_tools.storage.knowledge_base import KnowledgeBase
+from kb_tools.storage.paths import confined_file
+from kb_tools.storage.validate import validate_kb
 
 from .kb_fixtures import fake_run_batch, fingerprint
 

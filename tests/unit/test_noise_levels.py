@@ -1,12 +1,12 @@
-"""The quality guard's noise-level checks (kb_tools/noise_levels.py) through retrieve()."""
+"""The quality guard's noise-level checks (redi_core/noise_levels.py) through retrieve()."""
 
 import numpy as np
 import pytest
 
 from kb_tools import builder
-from kb_tools.knowledge_base import KnowledgeBase
-from kb_tools.noise_levels import LOW_NOISE_MAX_DISTANCE, MAX_KEY_NSR, MIN_VALUE_NSR, NoiseLevels, noise_ratio
-from kb_tools.redi_loop import KeyState, ReDiParams, retrieve, summary_lines
+from kb_tools.storage.knowledge_base import KnowledgeBase
+from redi_core.noise_levels import LOW_NOISE_MAX_DISTANCE, MAX_KEY_NSR, MIN_VALUE_NSR, NoiseLevels, noise_ratio
+from redi_core.retrieval import KeyState, ReDiParams, retrieve, summary_lines
 
 from .kb_fixtures import fake_run_batch, fingerprint
 

@@ -3,8 +3,8 @@ import pytest
 
 from kb_tools import builder
 from kb_tools.errors import KBError
-from kb_tools.knowledge_base import KnowledgeBase
-from kb_tools.redi_loop import GUARD_DEFAULTS, KeyState, ReDiParams, retrieve, signatures_match, summary_lines
+from kb_tools.storage.knowledge_base import KnowledgeBase
+from redi_core.retrieval import GUARD_DEFAULTS, KeyState, ReDiParams, retrieve, signatures_match, summary_lines
 
 from .kb_fixtures import SHAPE, fake_run_batch, fingerprint
 

@@ -20,14 +20,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import dist_store
-from .comfy_client import ComfyClient, WorkerDown, WorkerRefused, execution_error
-from .dist_plan import Unit, build_id, check_held, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
-from .dist_schedule import Scheduler, format_table
-from .dist_verify import build_fingerprint, differences, unit_problems
-from .errors import KBError
-from .kb_format import DEFAULT_STORED_STEPS, Fingerprint
-from .version import PACK_VERSION
+from ..errors import KBError
+from ..storage.disk_format import DEFAULT_STORED_STEPS, Fingerprint
+from ..version import PACK_VERSION
+from . import store as dist_store
+from .client import ComfyClient, WorkerDown, WorkerRefused, execution_error
+from .plan import Unit, build_id, check_held, parse_unit_kb_name, plan_units, probe_kb_name, unit_kb_name
+from .schedule import Scheduler, format_table
+from .verify import build_fingerprint, differences, unit_problems
 
 MAX_UNIT_BYTES = 8 << 30  # refuse a download larger than this per file
 

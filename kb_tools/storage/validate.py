@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kb_index
-from .errors import KBError
-from .kb_format import (
+from ..errors import KBError
+from . import index as kb_index
+from .disk_format import (
     IVF_RE,
     RKEYS_RE,
     SHARD_RE,
@@ -25,7 +25,8 @@ from .kb_format import (
     safe_file,
     sha256_file,
 )
-from .kb_shard import ShardFile, check_values
+from .reduced_keys import read_reduced_keys
+from .shard import ShardFile, check_values
 
 MAX_PROBLEMS = 30
 
@@ -98,10 +99,7 @@ def validate_kb(kb_dir: Path) -> int:
                 continue
             centroids, lists = kb_index.load_ivf(path, rec.rows, dims)
             space, step = k.rsplit("_", 1)
-            from .knowledge_base import KnowledgeBase
-
-            kb = KnowledgeBase(kb_dir, st)
-            red = kb.reduced_keys(space, int(step))[: rec.rows]
+            red = read_reduced_keys(kb_dir, st, space, int(step), st.count)[: rec.rows]
             check_values(centroids, rec.file)
             best = kb_index.assign(centroids, red)
             d_best = ((red - centroids[best]) ** 2).sum(1)

@@ -14,10 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
-from . import dist_store
-from .dist_plan import parse_unit_kb_name
-from .errors import KBError
-from .kb_format import MANIFEST
+from ..errors import KBError
+from ..storage.disk_format import MANIFEST
+from . import store as dist_store
+from .plan import parse_unit_kb_name
 
 KB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -8,30 +8,27 @@ candidates and neighbours of a query, each row checked against its checksum.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from . import kb_index
-from .errors import KBError
-from .kb_format import (
+from ..errors import KBError
+from . import index as kb_index
+from .disk_format import (
     IVF_RE,
     KEY_SPACES,
-    RKEYS_RE,
     Entry,
     State,
     key_name,
-    key_steps,
     read_header,
     read_state,
-    rkeys_file,
     safe_file,
     sha256_file,
 )
-from .kb_shard import ShardCache, check_values
+from .reduced_keys import read_reduced_keys
+from .shard import ShardCache, check_values
 
 
 class _Entries(Sequence):
@@ -91,7 +88,7 @@ class KnowledgeBase:
     def load(cls, path: Path, check_hash: bool = False) -> KnowledgeBase:
         """Open the KB; with check_hash, validate every file first (reads everything)."""
         if check_hash:
-            from .kb_validate import validate_kb
+            from .validate import validate_kb
 
             validate_kb(path)
         return cls.open(path)
@@ -165,32 +162,7 @@ class KnowledgeBase:
         """The first len(self) reduced keys, each committed chunk checked against its checksum."""
         self.require_step(step, "key")
         self._check_space(space)
-        if step not in key_steps(self.fingerprint):
-            raise KBError(f"key step {step} must lie below a stored value step of KB {self.name} (stored steps {list(self.fingerprint.stored_steps)})")
-        import hashlib
-
-        dims, n = self.header.key_dims, self._count
-        name = rkeys_file(space, step)
-        chunks = self.state.key_chunks.get(key_name(space, step), [])
-        need = next((i for i, (rows, _) in enumerate(chunks) if rows >= n), None)
-        if need is None:
-            raise KBError(f"the log of KB {self.name} has no checksums for {name}; the KB is damaged, rebuild it")
-        path = safe_file(self.path, name, RKEYS_RE)
-        end_rows = chunks[need][0]
-        if os.stat(path).st_size < end_rows * dims * 4:
-            raise KBError(f"{name} holds fewer than the {end_rows} committed keys; the KB is damaged, rebuild it")
-        with open(path, "rb") as f:
-            buf = np.fromfile(f, dtype="<f4", count=end_rows * dims)
-        mv = memoryview(buf).cast("B")
-        prev = 0
-        for rows, sha in chunks[: need + 1]:
-            if hashlib.sha256(mv[prev * dims * 4 : rows * dims * 4]).hexdigest() != sha:
-                raise KBError(f"{name} rows {prev}..{rows - 1} do not match their checksum in the log (damaged or swapped); rebuild the KB")
-            prev = rows
-        out = buf.reshape(end_rows, dims)
-        out = out[:n]
-        check_values(out, name)
-        return out
+        return read_reduced_keys(self.path, self.state, space, step, self._count)
 
     def index(self, space: str, step: int) -> faiss.Index:
         key = (space, step)

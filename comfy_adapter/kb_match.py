@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..kb_tools.errors import KBError
-from ..kb_tools.knowledge_base import KnowledgeBase
-from ..kb_tools.redi_loop import GUARD_DEFAULTS, ReDiParams, signatures_match
-from . import comfy_sampling
+from ..kb_tools.storage.knowledge_base import KnowledgeBase
+from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, signatures_match
+from . import identity, samplers
 
 KEY_SPACE_OPTIONS = ["auto", "latent", "denoised"]
 def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: int, cfg: float, sampler: str,
@@ -15,12 +15,12 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     fp = kb.fingerprint
     if len(latent_shape) != 4:
         raise KBError(f"ReDi works on image latents (batch, channels, height, width); this latent has shape {list(latent_shape)}")
-    comfy_sampling.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler)
+    samplers.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler)
     problems, notes = [], []
-    if comfy_sampling.model_hash(model) != fp.model_hash:
+    if identity.model_hash(model) != fp.model_hash:
         problems.append(f"model: KB {kb.name} was built with another model ({fp.model_name}, hash {fp.model_hash}) or other LoRA/patches; build a KB with this model")
-    sampling = comfy_sampling.sampling_signature(model)
-    if not fp.sampling and fp.sampler not in comfy_sampling.RECORDED_RIGHT_BEFORE_V2:
+    sampling = identity.sampling_signature(model)
+    if not fp.sampling and fp.sampler not in samplers.RECORDED_RIGHT_BEFORE_V2:
         problems.append(f"KB {kb.name} was built by an earlier version of this pack, which recorded wrong {fp.sampler} trajectories "
                         "(a stale or rescaled sampler state, or batch-dependent noise); rebuild it with this version")
     elif not fp.sampling:
@@ -33,7 +33,7 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     if negative is not None:
         if not fp.negative_cond:
             notes.append(f"KB {kb.name} predates the negative-prompt fingerprint: the negative prompt is not checked; rebuild it to check it")
-        elif not signatures_match(comfy_sampling.conditioning_signature(negative), fp.negative_cond):
+        elif not signatures_match(identity.conditioning_signature(negative), fp.negative_cond):
             problems.append("negative: the negative conditioning differs from the KB's negative prompt; encode the KB's negative prompt "
                             "(the KB Loader shows the KB's settings) or build a KB with this negative prompt")
     if tuple(latent_shape[1:]) != tuple(fp.latent_shape):

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .blend import blend, lstsq_weights
-from .errors import KBError
-from .kb_format import KEY_SPACES
-from .knowledge_base import KnowledgeBase
+from .kb_access import KEY_SPACES, KBError, KBView
 from .noise_levels import NoiseLevels
 
 # The quality guard's defaults, calibrated on the demo model (scripts/sampler_support.py --calibrate,
@@ -43,7 +41,7 @@ class ReDiParams:
     max_residual: float = GUARD_DEFAULTS["max_residual"]  # relative least-squares residual
     max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]  # |sum of blend weights - 1|
 
-    def validate(self, steps: int, kb: KnowledgeBase | None = None) -> None:
+    def validate(self, steps: int, kb: KBView | None = None) -> None:
         k, v = self.key_step, self.value_step
         if not 1 <= k < v <= steps:
             raise KBError(f"need 1 <= key step ({k}) < value step ({v}) <= steps ({steps}); lower the key step or raise the value step")
@@ -100,7 +98,7 @@ class Retrieval:
                 yield start, idx, src[idx]
 
 
-def retrieve(kb: KnowledgeBase, state: KeyState, params: ReDiParams, sigma_v: float, noise: NoiseLevels | None = None) -> Retrieval:
+def retrieve(kb: KBView, state: KeyState, params: ReDiParams, sigma_v: float, noise: NoiseLevels | None = None) -> Retrieval:
     """Find each item's neighbours at the key step and blend their values at the value step.
 
     With `noise` (the schedule's noise ratios at k and v) the guard also refuses neighbours the

@@ -19,12 +19,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import kb_format
-from .dist_plan import Unit
-from .errors import KBError
-from .kb_format import Entry, Fingerprint
-from .kb_validate import validate_kb
-from .kb_writer import append_kb, create_kb
+from ..errors import KBError
+from ..storage import disk_format as kb_format
+from ..storage.disk_format import Entry, Fingerprint
+from ..storage.validate import validate_kb
+from ..storage.writer import append_kb, create_kb
+from .plan import Unit
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 UNIT_ID_RE = re.compile(r"^u(\d+)@(\d+)\+(\d+)#([0-9a-f]{16})$")
@@ -58,7 +58,7 @@ def rest_files(unit_dir: Path) -> list[str]:
 def read_unit(unit_dir: Path) -> tuple[Fingerprint, list[Entry], str]:
     """Every checksum, row, shape and value of a downloaded unit KB checked; KBError otherwise."""
     validate_kb(unit_dir)
-    from .knowledge_base import KnowledgeBase
+    from ..storage.knowledge_base import KnowledgeBase
 
     kb = KnowledgeBase.open(unit_dir)
     try:

@@ -17,13 +17,8 @@ space, noise included), the same for every sampler:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
-from pathlib import Path
 
-import comfy.k_diffusion.sampling as kds
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
@@ -32,160 +27,10 @@ import latent_preview
 import numpy as np
 import torch
 
-from ..kb_tools import noise_levels
-from ..kb_tools.errors import KBError
-from ..kb_tools.redi_loop import KeyState
-
-# ComfyUI's UniPC reports x / sqrt(1 + sigma^2) after step i to its callback
-VP_CALLBACK = frozenset({"uni_pc", "uni_pc_bh2"})
-# samplers that pick their own time steps instead of the scheduler's: there is no step k to stop at
-OWN_STEPS = frozenset({"dpm_fast", "dpm_adaptive"})
-# samplers whose first k steps on sigmas[:k+1] equal the full run's first k steps
-# (checked for every sampler by `scripts/sampler_support.py --check`)
-SLICE_EXACT = frozenset({
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms",
-    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "er_sde", "seeds_2",
-})
-# samplers that draw no noise after the initial noise (a batch's items are independent of each other)
-DETERMINISTIC = frozenset({
-    "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis",
-    "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc",
-    "uni_pc_bh2", "dpm_fast", "dpm_adaptive",
-})
-
-# samplers whose trajectories KBs built before issue 15 recorded correctly (deterministic, truthful callbacks)
-RECORDED_RIGHT_BEFORE_V2 = DETERMINISTIC - {"ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "dpm_fast", "dpm_adaptive"}
-# stochastic samplers whose noise comes from a Brownian tree over the schedule's sigma range (the rest: a seeded generator)
-BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
-BROWNIAN_GPU = frozenset({"dpmpp_sde_gpu", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu"})
-
-
-class NoisePlan:
-    """The noise a stochastic sampler draws after the initial noise, arranged so that every phase of a
-    ReDi run draws what the full run draws at the same steps:
-
-    - Brownian-tree samplers (the SDE ones) get the tree over the WHOLE schedule's sigma range (a run
-      on sigmas[v:] would build it over [sigma_min, sigma_v] and draw other increments);
-    - generator samplers (ancestral, lcm, ...) get the seeded generator advanced past the draws the
-      full run makes before the phase's first step (counted in the key phase, per step);
-    - `item_seeds`: each item draws what a batch of one with its seed draws (KB builds, benchmarks);
-      otherwise the batch shares the stock generator and a subset of items takes its rows."""
-
-    def __init__(self, sampler: str, sigmas: torch.Tensor, seed: int, batch: int, item_seeds: list[int] | None = None) -> None:
-        self.sampler, self.sigmas, self.seed, self.batch, self.item_seeds = sampler, sigmas.cpu(), seed, batch, item_seeds
-        self.draws = 0  # noise-sampler calls of the key phase
-        self.key_steps = 0
-
-    @property
-    def active(self) -> bool:
-        return self.sampler not in DETERMINISTIC
-
-    def skip_for(self, start: int) -> int:
-        return 0 if start == 0 or not self.key_steps else round(self.draws / self.key_steps * start)
-
-    def make(self, x: torch.Tensor, idx: np.ndarray | None, start: int, count: bool):
-        """A noise sampler for a phase starting at step `start`, for the batch rows `idx` of `x`'s batch."""
-        rows = np.arange(x.shape[0]) if idx is None else np.asarray(idx)
-        shape = (self.batch, *x.shape[1:])
-        proto = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        brownian = self.sampler in BROWNIAN or self.sampler in BROWNIAN_GPU
-        if brownian:
-            cpu = self.sampler in BROWNIAN
-            sig = self.sigmas if cpu else self.sigmas.to(x.device)
-            lo, hi = sig[sig > 0].min(), sig.max()
-            if self.item_seeds is not None:
-                fns = [kds.BrownianTreeNoiseSampler(proto[:1], lo, hi, seed=self.item_seeds[r], cpu=cpu) for r in rows]
-            else:
-                tree = kds.BrownianTreeNoiseSampler(proto, lo, hi, seed=self.seed, cpu=cpu)
-                fns = [lambda s, sn, tree=tree: tree(s, sn)[torch.as_tensor(rows)]]
-        else:
-            skip = self.skip_for(start)
-            if self.item_seeds is not None:
-                fns = [_skipped(kds.default_noise_sampler(proto[:1], seed=self.item_seeds[r]), skip) for r in rows]
-            else:
-                gen = _skipped(kds.default_noise_sampler(proto, seed=self.seed), skip)
-                fns = [lambda s, sn, gen=gen: gen(s, sn)[torch.as_tensor(rows)]]
-
-        def sample(sigma, sigma_next):
-            if count:
-                self.draws += 1
-            return torch.cat([f(sigma, sigma_next) for f in fns])
-
-        return sample
-
-
-def _skipped(noise_sampler, n: int):
-    for _ in range(n):
-        noise_sampler(None, None)
-    return noise_sampler
-
-
-# samplers that reach step k on the KB's trajectory but whose finish from v, restarted without the
-# multistep history of steps k..v, lands too far from the full run (measured on the demo model with a
-# KB entry's own trajectory: see README "Sampler and scheduler support")
-RESTART_FAILS = {
-    "deis": "16.7 dB", "ipndm": "14.9 dB", "ipndm_v": "as ipndm (the same 4th-order Adams-Bashforth history)",
-    "dpmpp_2m_sde": "13.6 dB", "dpmpp_2m_sde_gpu": "13.6 dB (as dpmpp_2m_sde)",
-    "dpmpp_2m_sde_heun": "as dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "as dpmpp_2m_sde",
-    "dpmpp_3m_sde": "10.1 dB", "dpmpp_3m_sde_gpu": "as dpmpp_3m_sde", "lms": "12.3 dB",
-}
-WORKING_EXAMPLES = "euler, euler_ancestral, heun or dpmpp_2m"
-# sampler x scheduler pairs whose ReDi images missed the tolerance through a KB, written by
-# `scripts/sampler_support.py` (docs/sampler_support.md): {"fails": {sampler: {scheduler or "*": why}},
-# "works": {scheduler: [samplers]}}
-VERDICTS_FILE = Path(__file__).with_name("sampler_verdicts.json")
-
-
-def _verdicts() -> dict:
-    try:
-        data = json.loads(VERDICTS_FILE.read_text())
-        return {"fails": dict(data.get("fails", {})), "works": dict(data.get("works", {}))}
-    except (OSError, ValueError):  # a damaged install: the per-scheduler refusals are missing, say so in the log
-        logging.getLogger(__name__).warning("ReDi: %s is missing or unreadable; reinstall the pack", VERDICTS_FILE)
-        return {"fails": {}, "works": {}}
-
-
-VERDICTS = _verdicts()
-MEASURED_FAILS: dict[str, dict[str, str]] = VERDICTS["fails"]
-
-
-def check_sampler(sampler: str, scheduler: str | None = None) -> None:
-    """Refuse samplers ReDi cannot split at a step (their own step choice) or cannot finish within tolerance."""
-    if sampler in RESTART_FAILS:
-        raise KBError(
-            f"sampler {sampler!r} does not work with ReDi: restarted at the value step without its multistep history it "
-            f"ends far from the full run ({RESTART_FAILS[sampler]} PSNR from the same seed's full run even when the KB holds "
-            f"the query's own trajectory, where 20 dB is the tolerance); use {WORKING_EXAMPLES}"
-        )
-    fails = MEASURED_FAILS.get(sampler, {})
-    if "*" in fails:
-        raise KBError(
-            f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on the "
-            f"demo model; the tolerance is 2 points); use {WORKING_EXAMPLES}"
-        )
-    if scheduler is not None and scheduler in fails:
-        known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
-        works = sorted((s for s in VERDICTS["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
-        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
-        raise KBError(
-            f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
-            f"measured on the demo model; the tolerance is 20 dB and 2 points of accuracy); {use}"
-        )
-    if sampler in OWN_STEPS:
-        raise KBError(
-            f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
-            f"and ReDi cannot use it; use a fixed-step sampler such as {WORKING_EXAMPLES}"
-        )
-
-
-def sampler_problem(sampler: str, scheduler: str | None = None) -> bool | str:
-    """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
-    try:
-        check_sampler(sampler, scheduler)
-    except KBError as e:
-        return str(e)
-    return True
+from ..redi_core import noise_levels
+from ..redi_core.retrieval import KeyState
+from .noise import NoisePlan
+from .samplers import VP_CALLBACK, check_sampler, stop_step_for
 
 
 def noise_levels_of(model, sigmas: torch.Tensor, key_step: int, value_step: int) -> noise_levels.NoiseLevels:
@@ -201,61 +46,6 @@ def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Te
 
 def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-
-
-def model_hash(model) -> str:
-    """Identity of the model's weights and weight patches (LoRA etc.), cheap to compute:
-    every tensor's name and shape, and a strided sample of its values."""
-    h = hashlib.sha256()
-    sd = model.model.state_dict()
-    for i, k in enumerate(sorted(sd)):
-        t = sd[k]
-        h.update(f"{k}:{tuple(t.shape)}".encode())
-        if i % 4 == 0 and t.numel():
-            flat = t.detach().flatten()
-            h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
-    for k in sorted(getattr(model, "patches", {})):
-        h.update(f"patch:{k}:{[p[0] for p in model.patches[k]]}".encode())
-    return h.hexdigest()[:20]
-
-
-def sampling_signature(model) -> str:
-    """What the model's sampling object does to a trajectory: its class (prediction type), its
-    sigma range and a sample of its sigma table (zsnr, shift, v-prediction patches all change it)."""
-    ms = model.get_model_object("model_sampling")
-    # the classes of comfy.model_sampling it mixes (e.g. ModelSamplingDiscrete + EPS), not the dynamic class name
-    parts = [c.__name__ for c in type(ms).__mro__ if c.__module__ == "comfy.model_sampling"]
-    parts.append(f"min={float(ms.sigma_min):.5g} max={float(ms.sigma_max):.5g}")
-    sig = getattr(ms, "sigmas", None)
-    if sig is not None and sig.numel():
-        pick = sig.flatten()[:: max(1, sig.numel() // 16)].float().cpu().tolist()
-        parts.append("sigmas=" + ",".join(f"{v:.5g}" for v in pick))
-    for name in ("shift", "multiplier", "sigma_data"):
-        if hasattr(ms, name):
-            parts.append(f"{name}={float(getattr(ms, name)):.5g}")
-    return "; ".join(parts)
-
-
-def conditioning_signature(cond) -> str:
-    """A numeric signature of an encoded conditioning (its shape, per-channel means over the
-    tokens and RMS of the first entry), compared with a tolerance by `redi_compat`; it works on
-    both the node form [[tensor, {...}]] and the sampler's converted form [{"cross_attn": tensor}]."""
-    if not cond:
-        return "none"
-    c = cond[0]
-    t = c.get("cross_attn") if isinstance(c, dict) else c[0]
-    if t is None:
-        return "none"
-    t = t.detach().float().cpu()
-    mean = t.reshape(t.shape[0], -1, t.shape[-1]).mean(dim=1)[0]
-    picks = mean[:: max(1, mean.numel() // 16)][:16].tolist()
-    rms = float(t.pow(2).mean().sqrt())
-    return "x".join(str(v) for v in t.shape[1:]) + ":" + ",".join(f"{v:.4f}" for v in picks) + f";{rms:.4f}"
-
-
-def noise_for(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """Per-item noise: item b gets exactly the noise a batch-1 run with seeds[b] gets."""
-    return torch.cat([comfy.sample.prepare_noise(latent[b : b + 1], s) for b, s in enumerate(seeds)])
 
 
 class _Stop(Exception):
@@ -367,11 +157,6 @@ def processed_conds_rows(conds: dict, rows: np.ndarray, batch: int) -> dict:
                 entry["model_conds"] = {k: _cond_rows(c, rows, batch) for k, c in entry["model_conds"].items()}
             out[name].append(entry)
     return out
-
-
-def stop_step_for(sampler: str, k: int) -> int | None:
-    """None: the key phase runs sigmas[:k+1]; else it runs the whole schedule and stops at k."""
-    return None if sampler in SLICE_EXACT else k
 
 
 def key_state(cap: Capture, k: int, sigmas: torch.Tensor) -> KeyState:

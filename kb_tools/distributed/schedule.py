@@ -9,8 +9,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from .dist_plan import Unit
-from .errors import KBError
+from ..errors import KBError
+from .plan import Unit
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .builder import COMPAT_FIELDS
-from .dist_plan import Unit
-from .kb_format import Entry, Fingerprint
+from ..storage.compat import COMPAT_FIELDS
+from ..storage.disk_format import Entry, Fingerprint
+from .plan import Unit
 
 # Everything a worker's probe must agree on with the build (the seed is the unit's own).
 WORKER_FIELDS = ("model_hash", "model_name", *COMPAT_FIELDS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import KBError
+from ..errors import KBError
 
 MAX_PROMPTS_FILE_BYTES = 64 << 20
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..errors import KBError
 from .atomic import write_atomic
-from .errors import KBError
-from .kb_format import MAX_ABS_VALUE, SHARD_RE, Entry, Header, ShardRec, safe_file, sha256_file
+from .disk_format import MAX_ABS_VALUE, SHARD_RE, Entry, Header, ShardRec, safe_file, sha256_file
 
 MAX_SHARD_HEADER = 64 << 20  # entry metadata of a bounded shard stays far below
 MAX_ENTRY_BYTES = 1 << 20  # one entry's JSON (a prompt of a million characters is not a prompt)

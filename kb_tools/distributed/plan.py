@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .errors import KBError
+from ..errors import KBError
 
 # KBs a build makes on a worker: rd-<build id>-<run>-u<unit>-a<attempt> and rd-<build id>-<run>-probe.
 # The prefix keeps them apart from users' KBs; the run id (new for every coordinator start) and

@@ -16,8 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ..errors import KBError
 from .atomic import write_atomic
-from .errors import KBError
 
 # Flat (exact) search up to this many stored key floats, IVF above (a single-threaded flat
 # scan of 2.6M floats took 2.4 ms on this busy machine). 2M keeps demo-model KBs of up to

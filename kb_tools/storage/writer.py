@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kb_index
-from .errors import KBError
-from .kb_format import (
+from ..errors import KBError
+from . import index as kb_index
+from .compat import incompatible
+from .disk_format import (
     DEFAULT_SHARD_BYTES,
     IVF_RE,
     LOCK,
@@ -49,7 +50,7 @@ from .kb_format import (
     sha256_file,
     write_header,
 )
-from .kb_shard import ShardFile, write_shard
+from .shard import ShardFile, write_shard
 
 Batch = tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[Entry]]
 
@@ -68,14 +69,8 @@ def kb_lock(kb_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _incompatible(a: Fingerprint, b: Fingerprint) -> list[str]:
-    from .builder import incompatible
-
-    return incompatible(a, b)
-
-
 def check_compatible(header: Header, fp: Fingerprint, kb_name: str) -> None:
-    bad = _incompatible(header.fingerprint, fp)
+    bad = incompatible(header.fingerprint, fp)
     if bad:
         diffs = ", ".join(f"{f}: KB has {getattr(header.fingerprint, f)!r}, request has {getattr(fp, f)!r}" for f in bad)
         raise KBError(f"KB {kb_name} already exists with other settings ({diffs}); choose another KB name or match its settings")
@@ -250,7 +245,7 @@ def append_batch(kb_dir: Path, x: dict[int, np.ndarray], d: dict[int, np.ndarray
 
 
 def _source_batches(src_dir: Path, src_state: State, first_pos: int | None) -> Iterator[Batch]:
-    from .kb_shard import ShardCache
+    from .shard import ShardCache
 
     cache = ShardCache(src_dir, src_state.header, size=1)
     steps = src_state.fingerprint.stored_steps
@@ -269,7 +264,7 @@ def append_kb(target: Path, source: Path, unit: str | None, first_pos: int | Non
     """Copy every entry of the finished KB `source` into `target` as one atomic step tagged
     `unit`; False (nothing written) when `target` already holds that unit. The source is
     validated fully first (treat it as untrusted). Creates `target` if it has no manifest."""
-    from .kb_validate import validate_kb
+    from .validate import validate_kb
 
     target, source = Path(target), Path(source)
     if unit is not None and not (isinstance(unit, str) and 0 < len(unit) <= 256):
@@ -295,7 +290,7 @@ def merge(out_dir: Path, sources: list[Path]) -> State:
         raise KBError(f"{out_dir} already holds a KB; merge into a new name")
     headers = [read_header(s) for s in sources]
     for src, h in zip(sources[1:], headers[1:]):
-        bad = _incompatible(h.fingerprint, headers[0].fingerprint)
+        bad = incompatible(h.fingerprint, headers[0].fingerprint)
         if bad:
             raise KBError(f"cannot merge {Path(src).name} into {Path(sources[0]).name}: they differ in {', '.join(bad)}")
     create_kb(out_dir, headers[0].fingerprint, dtype=headers[0].dtype)

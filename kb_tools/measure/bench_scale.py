@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .kb_format import Entry, Fingerprint, listed_files
-from .kb_writer import append_batch, create_kb, default_shard_rows
+from ..storage.disk_format import Entry, Fingerprint, listed_files
+from ..storage.writer import append_batch, create_kb, default_shard_rows
 
 RANK, CLUSTERS, NOISE = 16, 256, 0.15
 
@@ -91,8 +91,11 @@ def _rss_mb() -> float:
 
 def probe(path: Path, queries: int) -> dict:
     """Run in a fresh process: open, query, append; returns the timings."""
-    from .knowledge_base import KnowledgeBase
-    from .redi_loop import KeyState, ReDiParams, retrieve
+    from ..storage.knowledge_base import KnowledgeBase
+    try:  # inside the pack
+        from ...redi_core.retrieval import KeyState, ReDiParams, retrieve
+    except ImportError:  # the repository root on sys.path (the CLI)
+        from redi_core.retrieval import KeyState, ReDiParams, retrieve
 
     rss0 = _rss_mb()
     t0 = time.perf_counter()

@@ -16,10 +16,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import kb_index
-from .blend import blend, lstsq_weights
-from .errors import KBError
-from .knowledge_base import KnowledgeBase
+from ..storage import index as kb_index
+
+try:  # inside the pack
+    from ...redi_core.blend import blend, lstsq_weights
+except ImportError:  # the repository root on sys.path (the CLI)
+    from redi_core.blend import blend, lstsq_weights
+from ..errors import KBError
+from ..storage.knowledge_base import KnowledgeBase
 
 
 def _topk_exact(base: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:

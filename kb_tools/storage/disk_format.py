@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import KBError
 from .atomic import write_json_atomic
-from .errors import KBError
 
 FORMAT = "redi-kb"
 FORMAT_VERSION = 2

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from . import kb_writer
-from .errors import KBError
-from .kb_format import MANIFEST, MAX_MANIFEST_BYTES, Entry, Fingerprint, State, safe_file, sha256_file
+from ..errors import KBError
+from . import writer as kb_writer
+from .disk_format import MANIFEST, MAX_MANIFEST_BYTES, Entry, Fingerprint, State, safe_file, sha256_file
 
 V1_SHARD_RE = re.compile(r"^shard_[0-9]{5}\.safetensors$")
 

@@ -1,0 +1,106 @@
+"""Which of ComfyUI's samplers ReDi can split at a step, how each draws its noise, and the
+measured sampler x scheduler verdicts that decide which ones ReDi refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..kb_tools.errors import KBError
+
+# ComfyUI's UniPC reports x / sqrt(1 + sigma^2) after step i to its callback
+VP_CALLBACK = frozenset({"uni_pc", "uni_pc_bh2"})
+# samplers that pick their own time steps instead of the scheduler's: there is no step k to stop at
+OWN_STEPS = frozenset({"dpm_fast", "dpm_adaptive"})
+# samplers whose first k steps on sigmas[:k+1] equal the full run's first k steps
+# (checked for every sampler by `scripts/sampler_support.py --check`)
+SLICE_EXACT = frozenset({
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms",
+    "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "er_sde", "seeds_2",
+})
+# samplers that draw no noise after the initial noise (a batch's items are independent of each other)
+DETERMINISTIC = frozenset({
+    "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis",
+    "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc",
+    "uni_pc_bh2", "dpm_fast", "dpm_adaptive",
+})
+
+# samplers whose trajectories KBs built before issue 15 recorded correctly (deterministic, truthful callbacks)
+RECORDED_RIGHT_BEFORE_V2 = DETERMINISTIC - {"ipndm", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2", "dpm_fast", "dpm_adaptive"}
+# stochastic samplers whose noise comes from a Brownian tree over the schedule's sigma range (the rest: a seeded generator)
+BROWNIAN = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+BROWNIAN_GPU = frozenset({"dpmpp_sde_gpu", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde_gpu"})
+
+
+def stop_step_for(sampler: str, k: int) -> int | None:
+    """None: the key phase runs sigmas[:k+1]; else it runs the whole schedule and stops at k."""
+    return None if sampler in SLICE_EXACT else k
+
+
+# samplers that reach step k on the KB's trajectory but whose finish from v, restarted without the
+# multistep history of steps k..v, lands too far from the full run (measured on the demo model with a
+# KB entry's own trajectory: see README "Sampler and scheduler support")
+RESTART_FAILS = {
+    "deis": "16.7 dB", "ipndm": "14.9 dB", "ipndm_v": "as ipndm (the same 4th-order Adams-Bashforth history)",
+    "dpmpp_2m_sde": "13.6 dB", "dpmpp_2m_sde_gpu": "13.6 dB (as dpmpp_2m_sde)",
+    "dpmpp_2m_sde_heun": "as dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "as dpmpp_2m_sde",
+    "dpmpp_3m_sde": "10.1 dB", "dpmpp_3m_sde_gpu": "as dpmpp_3m_sde", "lms": "12.3 dB",
+}
+WORKING_EXAMPLES = "euler, euler_ancestral, heun or dpmpp_2m"
+# sampler x scheduler pairs whose ReDi images missed the tolerance through a KB, written by
+# `scripts/sampler_support.py` (docs/sampler_support.md): {"fails": {sampler: {scheduler or "*": why}},
+# "works": {scheduler: [samplers]}}
+VERDICTS_FILE = Path(__file__).with_name("sampler_verdicts.json")
+
+
+def _verdicts() -> dict:
+    try:
+        data = json.loads(VERDICTS_FILE.read_text())
+        return {"fails": dict(data.get("fails", {})), "works": dict(data.get("works", {}))}
+    except (OSError, ValueError):  # a damaged install: the per-scheduler refusals are missing, say so in the log
+        logging.getLogger(__name__).warning("ReDi: %s is missing or unreadable; reinstall the pack", VERDICTS_FILE)
+        return {"fails": {}, "works": {}}
+
+
+VERDICTS = _verdicts()
+MEASURED_FAILS: dict[str, dict[str, str]] = VERDICTS["fails"]
+
+
+def check_sampler(sampler: str, scheduler: str | None = None) -> None:
+    """Refuse samplers ReDi cannot split at a step (their own step choice) or cannot finish within tolerance."""
+    if sampler in RESTART_FAILS:
+        raise KBError(
+            f"sampler {sampler!r} does not work with ReDi: restarted at the value step without its multistep history it "
+            f"ends far from the full run ({RESTART_FAILS[sampler]} PSNR from the same seed's full run even when the KB holds "
+            f"the query's own trajectory, where 20 dB is the tolerance); use {WORKING_EXAMPLES}"
+        )
+    fails = MEASURED_FAILS.get(sampler, {})
+    if "*" in fails:
+        raise KBError(
+            f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on the "
+            f"demo model; the tolerance is 2 points); use {WORKING_EXAMPLES}"
+        )
+    if scheduler is not None and scheduler in fails:
+        known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
+        works = sorted((s for s in VERDICTS["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
+        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
+        raise KBError(
+            f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
+            f"measured on the demo model; the tolerance is 20 dB and 2 points of accuracy); {use}"
+        )
+    if sampler in OWN_STEPS:
+        raise KBError(
+            f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
+            f"and ReDi cannot use it; use a fixed-step sampler such as {WORKING_EXAMPLES}"
+        )
+
+
+def sampler_problem(sampler: str, scheduler: str | None = None) -> bool | str:
+    """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
+    try:
+        check_sampler(sampler, scheduler)
+    except KBError as e:
+        return str(e)
+    return True
