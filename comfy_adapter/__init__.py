@@ -23,6 +23,7 @@ from .sampling import (
     ksampler_sigmas,
     noise_levels_of,
     processed_conds_rows,
+    scheduler_of,
     sigmas_for,
     to_latent_image,
 )
@@ -30,6 +31,6 @@ from .sampling import (
 __all__ = [
     "OWN_STEPS", "RECORDED_RIGHT_BEFORE_V2", "RESTART_FAILS", "Capture", "NoisePlan", "Phases", "check_interrupt",
     "check_sampler", "conditioning_signature", "key_state", "ksampler_sigmas", "model_hash", "noise_for",
-    "noise_levels_of", "processed_conds_rows", "sampler_problem", "sampling_signature", "sigmas_for", "stop_step_for",
+    "noise_levels_of", "processed_conds_rows", "sampler_problem", "sampling_signature", "scheduler_of", "sigmas_for", "stop_step_for",
     "to_latent_image",
 ]

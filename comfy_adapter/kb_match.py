@@ -28,7 +28,8 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     elif sampling != fp.sampling:
         problems.append(
             f"model sampling: the model's sampling differs from the KB's ({_diff(sampling, fp.sampling)}): a ModelSampling* patch "
-            "(zsnr, v_prediction, shift, ...) changes every trajectory; use the model exactly as it was when the KB was built, or build a KB with this patch"
+            "(zsnr, v_prediction, shift, ...) or a guidance patch (APG, RescaleCFG, CFGZeroStar, ...) changes every trajectory; "
+            "use the model exactly as it was when the KB was built, or build a KB with this patch"
         )
     if negative is not None:
         if not fp.negative_cond:
@@ -53,7 +54,10 @@ def _diff(ours: str, theirs: str) -> str:
     a, b = ours.split("; "), theirs.split("; ")
     for x, y in zip(a, b):
         if x != y:
-            return f"model has {x[:60]!r}, KB has {y[:60]!r}"
+            return f"model has {x[:80]!r}, KB has {y[:80]!r}"
+    if len(a) != len(b):
+        extra = a[len(b):] or b[len(a):]
+        return f"{'the model' if len(a) > len(b) else 'the KB'} also has {'; '.join(extra)[:120]!r}"
     return f"model {ours[:60]!r}, KB {theirs[:60]!r}"
 
 

@@ -44,6 +44,20 @@ def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Te
     return comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler, scheduler=scheduler, denoise=1.0).sigmas.cpu()
 
 
+def scheduler_of(model, sampler: str, sigmas: torch.Tensor) -> str | None:
+    """The stock scheduler whose schedule (for this model, sampler and step count) equals `sigmas`;
+    None for a schedule no stock scheduler makes (a custom sigmas node, denoise below 1, ...)."""
+    steps, got = len(sigmas) - 1, sigmas.float().cpu()
+    for name in comfy.samplers.SCHEDULER_NAMES:
+        try:
+            ref = ksampler_sigmas(model, sampler, name, steps)
+        except Exception:  # a scheduler that cannot make this schedule (too few steps, ...): not this one
+            continue
+        if ref.shape == got.shape and torch.allclose(got, ref.float(), rtol=1e-4, atol=1e-5):
+            return name
+    return None
+
+
 def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 

@@ -39,7 +39,12 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         patcher = model_wrap.model_patcher
         steps = len(sigmas) - 1
         negative = model_wrap.original_conds.get("negative")
-        notes = kb_match.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name, None, negative)
+        # the sampler x scheduler verdict first, for the scheduler these sigmas come from
+        scheduler = comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
+        if scheduler is not None:
+            comfy_adapter.check_sampler(self.inner_name, scheduler)
+        notes = kb_match.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name,
+                                     scheduler, negative)
         expected = comfy_adapter.ksampler_sigmas(patcher, fp.sampler, fp.scheduler, fp.steps)
         if sigmas.shape != expected.shape or not torch.allclose(sigmas.float().cpu(), expected.float(), rtol=1e-4, atol=1e-5):
             extra = (f" ({fp.sampler} in the stock KSampler drops the penultimate sigma of a {fp.steps + 1}-step schedule; "

@@ -17,7 +17,7 @@ def server(tmp_path_factory):
     (so the demo KB that the example workflows build is built once)."""
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail("ComfyUI is not installed: run `bash scripts/bootstrap.sh` (scripts/test.sh does it)")
-    srv = ComfyServer(tmp_path_factory.mktemp("comfy"), sys.executable)
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy"), sys.executable, extra_paths={"loras": "loras"})
     srv.start()
     yield srv
     srv.stop()
