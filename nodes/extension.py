@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..redi_demo import model_config
-from . import kb_routes, kb_types
+from . import kb_routes, kb_types, template_order
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODELS_DIR = os.path.join(PACK_DIR, "models")
@@ -23,6 +23,7 @@ def register_folders_and_models() -> None:
     model_config.register()
     kb_types.register_folder()
     kb_routes.register()
+    template_order.register()
 
 
 class ReDiExtension(ComfyExtension):

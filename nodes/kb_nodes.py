@@ -107,7 +107,7 @@ class ReDiKBBuilder(io.ComfyNode):
                             batch_size, seed_mode, seed, stored,
                             step_progress=lambda done, total: pbar.update_absolute(done, max(1, total)))
         kb = KnowledgeBase.open(path)
-        lines = [f"KB {kb.name}: {manifest.count} trajectories at {path}", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
+        lines = [f"KB {kb.name}: {manifest.count} trajectories", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 
 
@@ -197,9 +197,11 @@ class ReDiKBLoader(io.ComfyNode):
     def execute(cls, kb_name) -> io.NodeOutput:
         kb = KnowledgeBase.open(kb_types.kb_path_for_read(kb_name))
         fp = kb.fingerprint
+        h, w = fp.latent_shape[1] * 8, fp.latent_shape[2] * 8
         lines = [
-            f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)}",
+            f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)} ({w}x{h} image)",
             f"{fp.sampler}/{fp.scheduler}, {fp.steps} steps, cfg {fp.cfg}, stored steps {list(fp.stored_steps)}, seed {fp.seed_mode} {fp.seed}",
+            f"model {fp.model_name} (hash {fp.model_hash[:12]}), negative prompt hash {fp.negative_hash[:12] or 'not recorded'}",
         ]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
 

@@ -47,7 +47,8 @@ def kb_path_for_read(name: str) -> str:
         p = os.path.join(root, name)
         if os.path.isfile(os.path.join(p, MANIFEST)):
             return p
-    raise KBError(f"no knowledge base named {name!r} in {kb_roots()}; build it with the ReDi KB Builder node first")
+    raise KBError(f"no knowledge base named {name!r} in models/redi_kb; build it with the ReDi KB Builder node first "
+                  "(template 2 of this pack builds demo_shapes_kb), then press R so that the KB Loader lists it")
 
 
 def kb_path_for_write(name: str) -> str:

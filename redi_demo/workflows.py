@@ -135,15 +135,39 @@ EXAMPLES = {
     "redi_feature_reuse": redi_feature_reuse,
 }
 
-# name -> the UI file's name, which the frontend's template browser (1.32.9) shows as the title
-# (and, with '-' and '_' as spaces, as the description) of a custom node pack's workflow.
+# name -> the UI file's name. The frontend's template browser (1.32.9) shows a custom node pack's
+# file name as the template's title and description, in the order the server lists the files
+# (nodes/template_order.py sorts this pack's list); short titles stay readable on the cards.
 # The API twin keeps the short name: example_workflows/api/NAME.json.
 TITLES = {
-    "demo_txt2img": "1 Demo model, plain txt2img with stock nodes",
-    "redi_build_kb": "2 Build a ReDi knowledge base of trajectories",
-    "redi_ksampler": "3 ReDi KSampler, skips steps by retrieval from a KB",
-    "redi_sampler_custom": "4 ReDi Sampler in SamplerCustomAdvanced",
-    "feature_reuse": "5 FeatureReuse (FRDiff) speeds up a KSampler",
-    "stylize": "6 Zero-shot stylization with ReDi Style Split",
-    "redi_feature_reuse": "7 ReDi KSampler on a FeatureReuse model, both speed-ups together",
+    "demo_txt2img": "1 Demo model, stock nodes",
+    "redi_build_kb": "2 Build a KB, run first",
+    "redi_ksampler": "3 ReDi KSampler",
+    "redi_sampler_custom": "4 ReDi Sampler, custom",
+    "feature_reuse": "5 FeatureReuse, KSampler",
+    "stylize": "6 Style Split, stylize",
+    "redi_feature_reuse": "7 ReDi and FeatureReuse",
+}
+
+# name -> the note each template opens with (what it shows, what to run first): the browser
+# cannot show a custom pack's description, so the workflow says it on the canvas.
+_KB = f"The KB `{KB_NAME}` is built by the **ReDi KB Builder** of template 2 (templates 3, 6 and 7 build it too)."
+NOTES = {
+    "demo_txt2img": "## 1 Demo model, stock nodes\n\nThe pack's small demo model in stock nodes only: Load Checkpoint, "
+                    "CLIP Text Encode, KSampler, VAE Decode. Press **Run** for a 64x64 image.",
+    "redi_build_kb": "## 2 Build a KB (run this first)\n\nThe **ReDi KB Builder** samples 48 prompts and stores their "
+                     f"trajectories as the knowledge base `{KB_NAME}`. Press **Run**; "
+                     "a cancelled build resumes on the next run. Then open template 3 or 4.",
+    "redi_ksampler": "## 3 ReDi KSampler\n\n**ReDi KSampler** in place of KSampler: it samples steps 0-4, retrieves "
+                     "the nearest stored trajectory and jumps to step 10 (6 of 20 steps skipped). The builder here makes "
+                     "the KB on the first run and reuses it after. Press **Run**; the node's report shows what it retrieved.",
+    "redi_sampler_custom": "## 4 ReDi Sampler, custom sampling\n\n**ReDi Sampler** as the SAMPLER of SamplerCustomAdvanced, "
+                           f"with the **ReDi KB Loader**. Run template 2 first. {_KB} Press **R** if the Loader's list is empty.",
+    "feature_reuse": "## 5 FeatureReuse on a KSampler\n\n**ReDi FeatureReuse** patches the model: between keyframe steps "
+                     "the UNet reuses cached features. Stock KSampler, no KB needed. Press **Run**.",
+    "stylize": "## 6 Style Split, stylization\n\n**ReDi Style Split** splits the prompt into content and style: ReDi "
+               f"KSampler retrieves with the content and finishes with content + style. {_KB} Press **Run**.",
+    "redi_feature_reuse": "## 7 ReDi + FeatureReuse\n\nBoth speed-ups together: FeatureReuse (from 25% of the steps, so "
+                          "that ReDi's first steps stay on the KB's trajectories) feeding ReDi KSampler; the KB is built on "
+                          f"the unpatched model. {_KB} Press **Run**.",
 }

@@ -39,10 +39,11 @@ def write_workflows(info: dict) -> None:
         api = make()
         title = workflows.TITLES[name]
         (OUT / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        (OUT / f"{title}.json").write_text(json.dumps(api_to_ui(api, info), indent=1) + "\n")
+        ui = api_to_ui(api, info, note=workflows.NOTES[name])
+        (OUT / f"{title}.json").write_text(json.dumps(ui, indent=1) + "\n")
         keep |= {f"{title}.json", f"{title}.jpg"}
         print("wrote", title)
-    for stale in OUT.glob("*.json"):
+    for stale in [*OUT.glob("*.json"), *OUT.glob("*.jpg")]:
         if stale.name not in keep:
             stale.unlink()
             print("removed", stale.name)

@@ -21,6 +21,14 @@ def test_every_example_is_listed():
     assert thumbs == on_disk, "a workflow has no thumbnail: run scripts/make_workflows.py --thumbnails"
 
 
+def test_template_browser_lists_them_in_order(server):
+    """The server answers the frontend's template list with the pack's templates as 1 to 7 (the
+    file system's order otherwise; the frontend keeps the order it gets)."""
+    listing = server.get("/api/workflow_templates")
+    ours = [names for names in listing.values() if set(names) == set(TITLES.values())]
+    assert ours == [list(TITLES.values())], listing
+
+
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_example_workflow_runs(server, name):
     api = json.loads((WF / "api" / f"{name}.json").read_text())

@@ -130,3 +130,14 @@ def test_redi_sampler_uses_content_conditioning_for_the_key(server, built):
         images.append(server.images(entry)[0].read_bytes())
     assert images[0] != images[1], "the content conditioning did not change the key phase"
     assert "[ReDi Sampler]" in server.log()
+
+
+def test_reports_name_the_kb_not_a_server_path(server, built):
+    """Builder and Loader reports go into screenshots and saved workflows: the KB's name and its
+    fingerprinted settings, never the server's folder."""
+    lines = _report(built) + _report(server.run(workflows.redi_sampler_custom()))
+    text = "\n".join(lines)
+    assert f"KB {workflows.KB_NAME}:" in text
+    assert str(server.kb_dir) not in text and "/models/" not in text, text
+    assert "negative prompt hash" in text and "model " in text, text
+
