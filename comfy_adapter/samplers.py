@@ -41,7 +41,7 @@ def stop_step_for(sampler: str, k: int) -> int | None:
 
 # samplers that reach step k on the KB's trajectory but whose finish from v, restarted without the
 # multistep history of steps k..v, lands too far from the full run (measured on the demo model with a
-# KB entry's own trajectory: see README "Sampler and scheduler support")
+# KB entry's own trajectory: see docs/how_redi_works.md)
 RESTART_FAILS = {
     "deis": "16.7 dB", "ipndm": "14.9 dB", "ipndm_v": "as ipndm (the same 4th-order Adams-Bashforth history)",
     "dpmpp_2m_sde": "13.6 dB", "dpmpp_2m_sde_gpu": "13.6 dB (as dpmpp_2m_sde)",

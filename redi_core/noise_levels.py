@@ -7,7 +7,7 @@ left, a neighbour that is not close keeps its own content (shape, colour, place)
 Both limits are noise-to-signal ratios, so they hold for any scheduler and step count: sigma
 itself for eps/v-prediction models, sigma / (1 - sigma) for flow models.
 
-Calibrated on the demo model (`scripts/sampler_support.py`, README "Sampler support"): KB of 32
+Calibrated on the demo model (`scripts/sampler_support.py`, docs/how_redi_works.md): KB of 32
 prompts, 24 queries per regime, k=4 and v=10 of 20 steps across the 9 schedulers. With a
 noise ratio of 1.38 or more at v (normal, simple, sgm_uniform, beta, ddim_uniform) items at
 any key distance up to 0.5 (latent keys) stayed within tolerance (1% below 20 dB); at 0.55-1.09

@@ -23,7 +23,7 @@ from .kb_access import KEY_SPACES, KBError, KBView
 from .noise_levels import NoiseLevels
 
 # The quality guard's defaults, calibrated on the demo model (scripts/sampler_support.py --calibrate,
-# README "Quality guard"); each 0 disables its check.
+# docs/how_redi_works.md); each 0 disables its check.
 # Good retrievals measured: latent keys (KB's seed) distance <= 0.52, |sum w - 1| <= 0.10; denoised keys
 # (new seeds) distance <= 1.22, residual <= 0.99, |sum w - 1| <= 0.75 (PSNR 26-40 dB to the full run).
 # Failures of issue 15: w = +5.1..+7.4 (UniPC), +159 (zsnr), distance 1.67-1.96 (deis). The residual
@@ -147,7 +147,7 @@ def retrieve(kb: KBView, state: KeyState, params: ReDiParams, sigma_v: float, no
 
 
 def signatures_match(a: str, b: str, tol: float = 2e-3) -> bool:
-    """Compare two conditioning signatures ("SHAPE:v1,v2,...;rms", see nodes/comfy_sampling.py):
+    """Compare two conditioning signatures ("SHAPE:v1,v2,...;rms", see comfy_adapter/identity.py):
     same shape and every value within `tol` (encoder float noise, not another prompt)."""
     if a == b:
         return True
