@@ -29,6 +29,10 @@ from .noise_levels import NoiseLevels
 # Failures of issue 15: w = +5.1..+7.4 (UniPC), +159 (zsnr), distance 1.67-1.96 (deis). The residual
 # (<= 1 by construction) does not separate them, so its check is off by default.
 GUARD_DEFAULTS = {"max_key_distance": 1.5, "max_residual": 0.0, "max_weight_deviation": 2.0}
+# The per-image predictor for latent keys (the KB's seed, where the shared noise dominates the key):
+# the distance between the query's denoised estimate at k and the blend of its neighbours' (see
+# docs/how_redi_works.md for its calibration). Not a node input: it follows max_key_distance's switch.
+MAX_DENOISED_DISTANCE = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,13 @@ class ReDiParams:
     max_key_distance: float = GUARD_DEFAULTS["max_key_distance"]  # relative ||y - nearest|| / ||y||
     max_residual: float = GUARD_DEFAULTS["max_residual"]  # relative least-squares residual
     max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]  # |sum of blend weights - 1|
+    max_denoised_distance: float = MAX_DENOISED_DISTANCE  # latent keys: relative ||denoised - blend of neighbours' denoised||
 
     def validate(self, steps: int, kb: KBView | None = None) -> None:
         k, v = self.key_step, self.value_step
         if not 1 <= k < v <= steps:
             raise KBError(f"need 1 <= key step ({k}) < value step ({v}) <= steps ({steps}); lower the key step or raise the value step")
-        for name in ("max_key_distance", "max_residual", "max_weight_deviation"):
+        for name in ("max_key_distance", "max_residual", "max_weight_deviation", "max_denoised_distance"):
             if getattr(self, name) < 0:
                 raise KBError(f"{name} must be 0 (off) or positive, not {getattr(self, name)}")
         if self.neighbours < 1:
@@ -79,6 +84,7 @@ class ItemReport:
     distances: list[float] = field(default_factory=list)  # relative to the query's norm
     weights: list[float] = field(default_factory=list)
     residual: float = 0.0
+    denoised_distance: float | None = None  # latent keys: relative distance of the denoised estimates at k
     reason: str = ""
 
 
@@ -127,6 +133,8 @@ def retrieve(kb: KBView, state: KeyState, params: ReDiParams, sigma_v: float, no
             accepted=True, neighbours=nb.tolist(), prompts=[kb.entries[i].prompt for i in nb],
             distances=rel, weights=w.tolist(), residual=resid,
         )
+        if space == "latent":
+            rep.denoised_distance = denoised_distance(kb.full_keys("denoised", k, nb), w, state.denoised[b])
         low_noise = noise.rejection(space, rel[0], v) if noise is not None else None
         if params.max_key_distance > 0 and rel[0] > params.max_key_distance:
             rep.accepted, rep.reason = False, f"nearest key at {rel[0]:.3f} > max {params.max_key_distance:.3f}"
@@ -136,6 +144,10 @@ def retrieve(kb: KBView, state: KeyState, params: ReDiParams, sigma_v: float, no
             rep.accepted, rep.reason = False, f"blend residual {resid:.3f} > max {params.max_residual:.3f}"
         elif params.max_weight_deviation > 0 and abs(float(np.sum(w)) - 1.0) > params.max_weight_deviation:
             rep.accepted, rep.reason = False, f"blend weights sum to {float(np.sum(w)):+.3f}, more than {params.max_weight_deviation:.2f} from 1"
+        elif (params.max_key_distance > 0 and params.max_denoised_distance > 0 and rep.denoised_distance is not None
+              and rep.denoised_distance > params.max_denoised_distance):
+            rep.accepted, rep.reason = False, (f"denoised estimates at step {k} differ: {rep.denoised_distance:.3f} > max "
+                                               f"{params.max_denoised_distance:.3f} (the neighbours' content is another)")
         if rep.accepted:
             value = blend(kb.values(space, v, nb), w)
             if space == "denoised":
@@ -161,6 +173,14 @@ def signatures_match(a: str, b: str, tol: float = 2e-3) -> bool:
     return shape_a == shape_b and len(va) == len(vb) and all(abs(x - y) <= tol for x, y in zip(va, vb))
 
 
+def denoised_distance(neighbour_denoised: np.ndarray, weights: np.ndarray, query_denoised: np.ndarray) -> float:
+    """Relative distance between the query's denoised estimate and the blend of its neighbours'
+    (same weights as the values): small when the neighbours show the same content as the query."""
+    q = query_denoised.reshape(-1).astype(np.float32)
+    pred = blend(neighbour_denoised.reshape(len(neighbour_denoised), -1), np.asarray(weights, dtype=np.float32))
+    return float(np.linalg.norm(q - pred) / max(float(np.linalg.norm(q)), 1e-12))
+
+
 def guard_line(params: ReDiParams) -> str:
     checks = [f"{name} {value:g}" for name, value in (("distance", params.max_key_distance), ("residual", params.max_residual),
                                                       ("|sum w - 1|", params.max_weight_deviation)) if value > 0]
@@ -182,5 +202,5 @@ def summary_lines(ret: Retrieval, params: ReDiParams, steps: int) -> list[str]:
         lines.append(head)
         for p, d, w in zip(r.prompts, r.distances, r.weights):
             lines.append(f"    w={w:+.3f} dist={d:.3f}  {p[:80]}")
-        lines.append(f"    residual {r.residual:.3f}")
+        lines.append(f"    residual {r.residual:.3f}" + (f", denoised distance {r.denoised_distance:.3f}" if r.denoised_distance is not None else ""))
     return lines

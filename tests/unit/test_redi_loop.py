@@ -124,3 +124,20 @@ def test_starts_split_accepted_and_rejected(kb):
     assert groups[6][0] == [0] and groups[2][0] == [1]
     np.testing.assert_allclose(groups[6][1], kb.values("latent", 6, [4]), atol=1e-5)
     np.testing.assert_array_equal(groups[2][1], far)
+
+
+def test_denoised_distance_rejects_a_latent_match_with_other_content(kb):
+    """Latent keys match (same noise), but the query's denoised estimate is another entry's: the
+    per-image predictor refuses it and says why; with matching content it accepts."""
+    st = state_from(kb, [3])
+    other = KeyState(x=st.x, denoised=kb.values("denoised", 2, [8]), eps=st.eps)
+    params = ReDiParams(2, 6, 1, max_denoised_distance=0.5)
+    ok = retrieve(kb, st, params, sigma_v=1.0)
+    assert ok.accepted.all() and ok.reports[0].denoised_distance == pytest.approx(0.0, abs=1e-5)
+    bad = retrieve(kb, other, params, sigma_v=1.0)
+    assert not bad.accepted.any()
+    assert "denoised estimates at step 2 differ" in bad.reports[0].reason
+    assert bad.reports[0].denoised_distance > 0.5
+    # off with the guard's switch, and not measured for denoised keys (there the key is the estimate)
+    assert retrieve(kb, other, ReDiParams(2, 6, 1, max_key_distance=0.0, max_denoised_distance=0.5), sigma_v=1.0).accepted.all()
+    assert retrieve(kb, st, ReDiParams(2, 6, 1, key_space="denoised"), sigma_v=1.0).reports[0].denoised_distance is None
