@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import comfy.model_sampling
+
 from ..kb_tools.errors import KBError
 from ..kb_tools.storage.knowledge_base import KnowledgeBase
 from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, signatures_match
-from . import identity, samplers
+from . import identity, patches, samplers
 
 KEY_SPACE_OPTIONS = ["auto", "latent", "denoised"]
 def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: int, cfg: float, sampler: str,
@@ -16,6 +18,7 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     if len(latent_shape) != 4:
         raise KBError(f"ReDi works on image latents (batch, channels, height, width); this latent has shape {list(latent_shape)}")
     samplers.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler)
+    check_model_supported(model)
     problems, notes = [], []
     if identity.model_hash(model) != fp.model_hash:
         problems.append(f"model: KB {kb.name} was built with another model ({fp.model_name}, hash {fp.model_hash}) or other LoRA/patches; build a KB with this model")
@@ -48,6 +51,22 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     if problems:
         raise KBError("this sampling does not fit the knowledge base:\n- " + "\n- ".join(problems))
     return notes
+
+
+# ModelSamplingDiscrete(zsnr=true) rescales the schedule to zero terminal SNR: sigma_max about 4096
+ZSNR_SIGMA_MAX = 1000.0
+
+
+def check_model_supported(model) -> None:
+    """Refuse models ReDi was measured to fail on even with a KB built on the same model and patches."""
+    reasons = patches.refused_patches(model)
+    ms = model.get_model_object("model_sampling")
+    if not isinstance(ms, comfy.model_sampling.CONST) and float(ms.sigma_max) > ZSNR_SIGMA_MAX:
+        reasons.append(f"zero-terminal-SNR sampling (ModelSamplingDiscrete zsnr, sigma_max {float(ms.sigma_max):.0f}): 16-17 dB from "
+                       "the full run and accuracy 36-38% against 58-65%, from a KB built on the same model")
+    if reasons:
+        raise KBError("ReDi does not work with this model's patches (measured on the demo model, scripts/sampler_support.py --patch):\n- "
+                      + "\n- ".join(reasons) + "\nremove the patch before ReDi, or use the stock KSampler for this model")
 
 
 def _diff(ours: str, theirs: str) -> str:

@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import comfy_adapter
+from ..comfy_adapter import kb_match
 from ..kb_tools import builder
 from ..kb_tools.errors import KBError
 from ..kb_tools.storage.disk_format import DEFAULT_STORED_STEPS, LOG, MANIFEST, Fingerprint, text_hash
@@ -138,12 +139,15 @@ class StepProgress:
 
 
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
-             seed_mode, seed, stored, progress=lambda done, total: None, step_progress=None, dtype="float16"):
+             seed_mode, seed, stored, progress=lambda done, total: None, step_progress=None, dtype="float16",
+             refuse_unsupported: bool = True):
     """The one build path, for the node and for `python -m kb_tools build`. `progress(trajectories done,
     total)` is called per finished batch; `step_progress(steps done, total)` per sampling step."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
     comfy_adapter.check_sampler(sampler_name, scheduler)
+    if refuse_unsupported:  # (the support script measures such models, so it builds their KBs)
+        kb_match.check_model_supported(model)
     latent_channels = model.get_model_object("latent_format").latent_channels
     neg, neg_pooled = clip.encode_from_tokens(clip.tokenize(negative), return_pooled=True)
     negative_cond = [[neg, {"pooled_output": neg_pooled} if neg_pooled is not None else {}]]

@@ -109,7 +109,7 @@ class Support:
         path = self.out / "kb" / f"{sampler}__{scheduler}"
         shutil.rmtree(path, ignore_errors=True)
         self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, CFG, 64, 64,
-                               len(self.kb_prompts), "fixed", SEED, (K, V))
+                               len(self.kb_prompts), "fixed", SEED, (K, V), refuse_unsupported=False)
         kb = self.KnowledgeBase.open(path)  # format 2 reads rows on demand: the folder is removed after the queries
         try:
             self._queries(kb, sampler, scheduler, row)

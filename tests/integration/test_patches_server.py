@@ -56,8 +56,10 @@ def model_node(kind: str, loras=None, strength: float = 1.0) -> dict:
         name = loras[0] if kind == "merge_a" else loras[1]
         return {"21": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": name, "strength_model": 1.0}},
                 "20": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["21", 0], "ratio": 0.5}}}
-    patch = {"rescale": ("RescaleCFG", {"multiplier": 0.7}), "freeu": ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
-             "apg": ("APG", {"eta": 0.0, "norm_threshold": 2.0, "momentum": -0.5})}[kind]
+    patch = {"rescale": ("RescaleCFG", {"multiplier": 0.7}), "rescale1": ("RescaleCFG", {"multiplier": 1.0}),
+             "freeu": ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
+             "apg": ("APG", {"eta": 0.0, "norm_threshold": 2.0, "momentum": -0.5}),
+             "zsnr": ("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": True})}[kind]
     return {"20": {"class_type": patch[0], "inputs": {"model": ["1", 0], **patch[1]}}}
 
 
@@ -116,7 +118,7 @@ def test_merges_told_apart_and_stock_runs_leave_identities_alone(server, loras):
     assert query(server, "ident_merge_a", "merge_a", loras)[0] == "success"
 
 
-@pytest.mark.parametrize(("kind", "served", "needle"), [("freeu", True, ""), ("rescale", False, "RescaleCFG"), ("apg", False, "APG")])
+@pytest.mark.parametrize(("kind", "served", "needle"), [("freeu", True, ""), ("rescale", False, "RescaleCFG")])
 def test_guidance_patches_served_or_fingerprinted(server, kind, served, needle):
     if not (server.kb_dir / "ident_plain").is_dir():
         build(server, "ident_plain", "plain")
@@ -139,3 +141,18 @@ def test_redi_sampler_names_the_scheduler_in_use(server):
     assert entry["status"]["status_str"] == "error"
     msg = server.error_of(entry)["exception_message"]
     assert "'dpmpp_2m' with the ddim_uniform scheduler" in msg, msg
+
+
+@pytest.mark.parametrize(("kind", "needle"), [("apg", "APG: accuracy 94%"), ("rescale1", "RescaleCFG: multiplier 1.0"),
+                                              ("zsnr", "zero-terminal-SNR sampling")])
+def test_patches_redi_fails_on_are_refused_with_the_measurement(server, kind, needle):
+    if not (server.kb_dir / "ident_plain").is_dir():
+        build(server, "ident_plain", "plain")
+    status, msg = query(server, "ident_plain", kind)
+    assert status == "error" and needle in msg and "ReDi does not work with this model's patches" in msg, msg
+    g = workflows.redi_build_kb(PROMPTS)  # the KB Builder refuses them too, before sampling anything
+    g.update(model_node(kind))
+    g["6"]["inputs"].update(model=model_ref(kind), kb_name=f"ident_refused_{kind}", batch_size=8)
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "error" and needle in server.error_of(entry)["exception_message"]
+    assert not (server.kb_dir / f"ident_refused_{kind}").exists()
