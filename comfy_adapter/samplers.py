@@ -97,10 +97,11 @@ def check_sampler(sampler: str, scheduler: str | None = None) -> None:
         )
 
 
-def sampler_problem(sampler: str, scheduler: str | None = None) -> bool | str:
-    """For the nodes' validate_inputs (a refusal at queue time): True or the message."""
+def sampler_problem(sampler: str, scheduler: str | None = None, node: str | None = None) -> bool | str:
+    """For the nodes' validate_inputs (a refusal at queue time): True or the message, which starts with
+    the node's display name (ComfyUI's own validation report names the node by its id)."""
     try:
         check_sampler(sampler, scheduler)
     except KBError as e:
-        return str(e)
+        return f"{node}: {e}" if node else str(e)
     return True

@@ -95,7 +95,7 @@ class ReDiKBBuilder(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
-        return comfy_adapter.sampler_problem(sampler_name, scheduler)
+        return comfy_adapter.sampler_problem(sampler_name, scheduler, node="ReDi KB Builder")
 
     @classmethod
     def execute(cls, model, clip, prompts, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,

@@ -74,7 +74,7 @@ class ReDiKSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name, scheduler) -> bool | str:
-        return comfy_adapter.sampler_problem(sampler_name, scheduler)
+        return comfy_adapter.sampler_problem(sampler_name, scheduler, node="ReDi KSampler")
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,

@@ -112,7 +112,7 @@ class ReDiSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name) -> bool | str:
-        return comfy_adapter.sampler_problem(sampler_name)
+        return comfy_adapter.sampler_problem(sampler_name, node="ReDi Sampler")
 
     @classmethod
     def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,

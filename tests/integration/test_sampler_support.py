@@ -71,6 +71,7 @@ def test_unsupported_samplers_refused_at_queue_time(server, sampler, why):
     assert status == 400, body
     text = str(body["node_errors"])
     assert why in text and "euler" in text and "dpmpp_2m" in text, text
+    assert "ReDi KSampler: sampler" in text or "ReDi KB Builder: sampler" in text, text  # display names, not ids
     assert not (server.kb_dir / f"kb15_{sampler}").exists()
 
 
