@@ -158,11 +158,10 @@ def test_small_sdxl_architecture(env):
 def test_small_flux_dit(env):
     """A Flux-architecture DiT (double and single stream blocks) at small scale, from
     ComfyUI's own Flux config: its blocks reuse their keyframe residuals."""
-    import comfy.supported_models
-
     import dataclasses
 
     import comfy.ldm.flux.model
+    import comfy.supported_models
 
     _, _, patch, _ = env
     unet_config = {
