@@ -51,7 +51,9 @@ class Frontend:
         self.page.goto(self.base + "/")
         self.wait_until("() => !!window.app?.rootGraph && !!window.app?.canvas && !!window.comfyAPI?.api?.api", timeout_s)
         self.page.evaluate(LISTEN)
-        self.page.wait_for_timeout(2000)  # dialogs a start may open
+        # the start settles on a workflow (frontend 1.32's default) or a dialog over an empty graph (1.47's template browser)
+        self.wait_until("() => app.rootGraph.nodes.length > 0 || !!document.querySelector('[role=dialog]')", timeout_s)
+        self.page.wait_for_timeout(2000)  # more dialogs a start may open
         self.start_dialogs = [d.inner_text() for d in self.dialogs().all()]  # what the first start showed
         self.close_dialogs()
         assert self.dialogs().count() == 0, "a dialog stays open over the canvas"
