@@ -146,10 +146,22 @@ class Frontend:
         self.page.screenshot(path=str(path))
         return path
 
-    def dialog_text(self, timeout_s: float = 30) -> str:
-        loc = self.dialogs().last
-        loc.wait_for(state="visible", timeout=timeout_s * 1000)
-        return loc.inner_text()
+    def error_text(self, timeout_s: float = 30) -> str:
+        """An execution error as the user reads it, without its stack trace: frontend 1.32's error dialog, or
+        1.47's notice ("<node> failed") and the error report that its "View details" opens in the side panel."""
+        notice = self.page.get_by_role("status").filter(has=self.page.get_by_role("button", name="View details"))
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.dialogs().count():
+                return self.dialogs().last.inner_text()
+            if notice.count():
+                head = notice.first.inner_text()
+                notice.first.get_by_role("button", name="View details").click()
+                report = self.page.get_by_text("ComfyUI Error Report").last
+                report.wait_for(state="visible", timeout=timeout_s * 1000)
+                return head + "\n" + report.inner_text().split("## Stack Trace")[0]
+            time.sleep(0.25)
+        raise AssertionError(f"no error dialog or notice within {timeout_s}s")
 
     def close_dialogs(self) -> None:
         """Close every open dialog with its close button (the template browser of a first start too)."""
