@@ -346,7 +346,9 @@ def main() -> None:
         head = old_text.split("\n\n")[1] if old_text.count("\n\n") > 1 else head
         head += (f"\n\nThe pairs measured in the latest run (ComfyUI {comfyui_version.__version__}, {settings}): "
                  + ", ".join(sorted(f"{r['sampler']}/{r['scheduler']}" for r in rows)) + "; every other line is from the earlier runs.")
-        earlier = (old_text + "\n## Guard statistics (guard off)\n\n(none)").split("\n## Guard statistics (guard off)", 1)[1].split("\n## Guard statistics of the latest run", 1)[0]
+        marker = "\n## Guard statistics (guard off)"
+        earlier = old_text.split(marker, 1)[1] if marker in old_text else "\n\n(none)\n"
+        earlier = earlier.split("\n## Guard statistics of the latest run", 1)[0]
         guard = ("\n\n## Guard statistics (guard off)" + earlier.rstrip() + "\n\n## Guard statistics of the latest run (guard off)\n\n"
                  + calibration(items) + "\n")
     wide = {s: m for s in all_samplers if (m := sup.refusal(s, ""))}
