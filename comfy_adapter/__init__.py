@@ -8,6 +8,7 @@ only one besides `nodes/` that imports ComfyUI; the names below are its interfac
 from .identity import conditioning_signature, model_hash, sampling_signature
 from .noise import NoisePlan, noise_for
 from .samplers import (
+    DETERMINISTIC,
     OWN_STEPS,
     RECORDED_RIGHT_BEFORE_V2,
     RESTART_FAILS,
@@ -29,7 +30,7 @@ from .sampling import (
 )
 
 __all__ = [
-    "OWN_STEPS", "RECORDED_RIGHT_BEFORE_V2", "RESTART_FAILS", "Capture", "NoisePlan", "Phases", "check_interrupt",
+    "DETERMINISTIC", "OWN_STEPS", "RECORDED_RIGHT_BEFORE_V2", "RESTART_FAILS", "Capture", "NoisePlan", "Phases", "check_interrupt",
     "check_sampler", "conditioning_signature", "key_state", "ksampler_sigmas", "model_hash", "noise_for",
     "noise_levels_of", "processed_conds_rows", "sampler_problem", "sampling_signature", "scheduler_of", "sigmas_for", "stop_step_for",
     "to_latent_image",

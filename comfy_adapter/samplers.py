@@ -24,7 +24,7 @@ SLICE_EXACT = frozenset({
 DETERMINISTIC = frozenset({
     "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis",
     "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc",
-    "uni_pc_bh2", "dpm_fast", "dpm_adaptive",
+    "uni_pc_bh2", "dpm_fast", "dpm_adaptive", "exp_heun_2_x0",
 })
 
 # samplers whose trajectories KBs built before issue 15 recorded correctly (deterministic, truthful callbacks)
@@ -66,6 +66,9 @@ def _verdicts() -> dict:
 
 VERDICTS = _verdicts()
 MEASURED_FAILS: dict[str, dict[str, str]] = VERDICTS["fails"]
+# a sampler or scheduler no verdict covers (one a newer ComfyUI added) is refused until measured;
+# scripts/sampler_support.py turns this off to measure it
+REFUSE_UNMEASURED = True
 
 
 def check_sampler(sampler: str, scheduler: str | None = None) -> None:
@@ -95,6 +98,23 @@ def check_sampler(sampler: str, scheduler: str | None = None) -> None:
             f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
             f"and ReDi cannot use it; use a fixed-step sampler such as {WORKING_EXAMPLES}"
         )
+    if REFUSE_UNMEASURED and not measured(sampler, scheduler):
+        works = VERDICTS["works"].get(scheduler or "", [])
+        use = ", ".join(w for w in ("euler", "euler_ancestral", "heun", "dpmpp_2m") if w in works) or WORKING_EXAMPLES
+        what = f"sampler {sampler!r}" + (f" with the {scheduler} scheduler" if scheduler is not None else "")
+        if scheduler is not None and not works and measured(sampler):  # a scheduler no verdict covers
+            what, use = f"the {scheduler} scheduler", f"the normal or karras scheduler with {WORKING_EXAMPLES}"
+        raise KBError(
+            f"{what} has not been measured with ReDi (this ComfyUI is newer than the pack's verdicts), so ReDi does not "
+            f"use it yet; use {use}, or measure it with scripts/sampler_support.py --write-verdicts"
+        )
+
+
+def measured(sampler: str, scheduler: str | None = None) -> bool:
+    """Whether a verdict covers the sampler (with a scheduler: the pair)."""
+    if scheduler is None:
+        return sampler in MEASURED_FAILS or any(sampler in w for w in VERDICTS["works"].values())
+    return sampler in VERDICTS["works"].get(scheduler, ()) or bool({scheduler, "*"} & set(MEASURED_FAILS.get(sampler, {})))
 
 
 def sampler_problem(sampler: str, scheduler: str | None = None, node: str | None = None) -> bool | str:

@@ -1,7 +1,7 @@
 """The pack's HTTP routes on a ComfyUI server, used by `python -m kb_tools build --workers`:
 
     GET  /redi/info                pack and KB format version
-    GET  /redi/kb/NAME/FILE        read-only: a file a KB's manifest lists (kb_tools.kb_serve decides)
+    GET  /redi/kb/NAME/FILE        read-only: a file a KB's manifest lists (kb_tools.distributed.serve decides)
     POST /redi/kb/units/release    delete unit KBs of distributed builds once the coordinator has them
 """
 

@@ -13,8 +13,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from redi_demo.host import host_comfy_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = ROOT / ".host" / "ComfyUI"
+COMFY_DIR = host_comfy_dir()  # the host REDI_COMFY selects (scripts/bootstrap.sh installs it)
 PACK_NAME = "ComfyUI-ReDi-Accelerate"
 
 

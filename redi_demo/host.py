@@ -11,14 +11,44 @@ import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_COMFY_DIR = PACK_ROOT / ".host" / "ComfyUI"
+# The ComfyUI versions the pack is tested on, each installed by scripts/bootstrap.sh into its own
+# ignored folders (virtualenv, host tree); REDI_COMFY picks one, the first is the default.
+HOSTS: dict[str, str] = {"0.30.0": "", "0.3.75": "-0.3.75"}
+DEFAULT_HOST = "0.30.0"
+
+
+def host_version(name: str | None = None) -> str:
+    """The host REDI_COMFY (or `name`) selects, as a key of HOSTS."""
+    name = name or os.environ.get("REDI_COMFY") or DEFAULT_HOST
+    version = {"0.30": "0.30.0"}.get(name, name)
+    if version not in HOSTS:
+        raise SystemExit(f"REDI_COMFY={name} is not a supported host ({', '.join(HOSTS)})")
+    return version
+
+
+def host_comfy_dir(name: str | None = None) -> Path:
+    """The ComfyUI tree the bootstrap installs for that host (REDI_COMFY_DIR overrides it)."""
+    override = os.environ.get("REDI_COMFY_DIR")
+    if override and name is None:
+        return Path(override).resolve()
+    return PACK_ROOT / f".host{HOSTS[host_version(name)]}" / "ComfyUI"
+
+
+def host_python(name: str | None = None) -> Path:
+    """The Python of that host's virtualenv."""
+    return PACK_ROOT / f".venv{HOSTS[host_version(name)]}" / "bin" / "python"
+
+
+DEFAULT_COMFY_DIR = host_comfy_dir()
 
 
 def load_comfy(comfy_dir: str | os.PathLike | None = None) -> Path:
     """Put ComfyUI on sys.path in CPU mode and register the demo model. Idempotent."""
-    path = Path(comfy_dir or os.environ.get("REDI_COMFY_DIR") or DEFAULT_COMFY_DIR).resolve()
+    path = Path(comfy_dir or host_comfy_dir()).resolve()
     if not (path / "comfy" / "model_management.py").is_file():
-        raise SystemExit(f"ComfyUI not found at {path}: run `bash scripts/bootstrap.sh` first, or set REDI_COMFY_DIR")
+        raise SystemExit(
+            f"ComfyUI not found at {path}: run `bash scripts/bootstrap.sh` first (with the same REDI_COMFY), or set REDI_COMFY_DIR"
+        )
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     if "comfy.model_management" not in sys.modules:

@@ -366,11 +366,22 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
     return cfg, base, clip
 
 
+def saving_args(base, clip_sd: dict, vae_sd: dict) -> dict:
+    """Keyword arguments of BaseModel.state_dict_for_saving on this host: ComfyUI 0.30 takes the UNet
+    state dict from its caller (its first parameter), v0.3.75 reads it from the model itself."""
+    import inspect
+
+    kwargs = {"clip_state_dict": clip_sd, "vae_state_dict": vae_sd}
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        kwargs["unet_state_dict"] = base.diffusion_model.state_dict()
+    return kwargs
+
+
 def export(out: Path, preview: Path, cfg, base, clip, ae, seed: int) -> None:
     """Write the checkpoint in ComfyUI's SD1 layout (fp16) and the preview factors."""
     clip_sd = {k: v for k, v in clip.state_dict().items()}
     vae_sd = {k: v for k, v in ae.state_dict().items()}
-    sd = base.state_dict_for_saving(clip_sd, vae_sd, None)
+    sd = base.state_dict_for_saving(**saving_args(base, clip_sd, vae_sd))
     sd = {k: (v.half() if v.is_floating_point() and "position_ids" not in k else v).contiguous() for k, v in sd.items()}
     meta = {"modelspec.title": "ReDi demo shapes", "modelspec.architecture": "stable-diffusion-v1 (small)"}
     tmp = out.with_suffix(".tmp")

@@ -70,6 +70,8 @@ class Support:
     def __init__(self, out: Path, kb_size: int, queries: int, patch: str = "none") -> None:
         host.load_pack()
         self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
+        # what no verdict covers yet is what this script measures
+        importlib.import_module("redi_accelerate.comfy_adapter.samplers").REFUSE_UNMEASURED = False
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
         # the nodes raise the pack's own KBError (the pack is imported as redi_accelerate)
         KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
@@ -203,10 +205,12 @@ def why(row: dict) -> str:
 
 
 def write_verdicts(rows: list[dict], path: Path) -> None:
-    """comfy_adapter/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work."""
+    """comfy_adapter/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work. The measured
+    pairs replace their old verdicts; pairs not measured in this run keep theirs."""
     data = json.loads(path.read_text())
-    fails = {s: {k: v for k, v in per.items() if k == "*"} for s, per in data["fails"].items()}
-    works: dict[str, list[str]] = {}
+    measured = {(r["sampler"], r["scheduler"]) for r in rows if "same" in r}
+    fails = {s: {k: v for k, v in per.items() if k == "*" or (s, k) not in measured} for s, per in data["fails"].items()}
+    works: dict[str, list[str]] = {k: [s for s in v if (s, k) not in measured] for k, v in data.get("works", {}).items()}
     for r in rows:
         if "same" not in r:
             continue
@@ -218,8 +222,29 @@ def write_verdicts(rows: list[dict], path: Path) -> None:
         elif r["verdict"] != "refused" or "measured" in r:
             works.setdefault(r["scheduler"], []).append(r["sampler"])
     data["fails"] = {s: per for s, per in sorted(fails.items()) if per}
-    data["works"] = {k: sorted(v) for k, v in sorted(works.items())}
+    data["works"] = {k: sorted(set(v)) for k, v in sorted(works.items()) if v}
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def previous_rows(md: Path) -> dict[tuple[str, str], str]:
+    """The "Every pair" lines of an earlier table, by (sampler, scheduler): pairs this run did not measure keep them."""
+    if not md.is_file():
+        return {}
+    text = md.read_text()
+    if "## Every pair" not in text:
+        return {}
+    section = text.split("## Every pair", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cols) >= 3 and line.startswith("| ") and cols[0] not in ("sampler", "---") and cols[1] != "all":
+            out[(cols[0], cols[1])] = line
+    return out
+
+
+def previous_verdict(line: str) -> str:
+    v = [c.strip() for c in line.strip().strip("|").split("|")][2]
+    return "works" if v.startswith("works") else "refused" if v.startswith(("refused", "FAILS")) else "not measured"
 
 
 def cell(row: dict, regime: str) -> str:
@@ -229,9 +254,12 @@ def cell(row: dict, regime: str) -> str:
     return f"{r['psnr']:.1f} dB, {100 * r['acc_redi']:.0f} vs {100 * r['acc_full']:.0f}{failed}{guard}"
 
 
-def table(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str]) -> str:
-    """Every pair; `wide`: the pack's refusal of each sampler refused with every scheduler."""
+def table(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str],
+          previous: dict[tuple[str, str], str] | None = None) -> str:
+    """Every pair; `wide`: the pack's refusal of each sampler refused with every scheduler; `previous`: lines
+    of an earlier table for the pairs not measured in OUT/pairs."""
     by = {(r["sampler"], r["scheduler"]): r for r in rows}
+    previous = previous or {}
     lines = ["| sampler | scheduler | verdict | KB's seed: PSNR, acc ReDi vs full | new seeds: PSNR, acc ReDi vs full |", "|---|---|---|---|---|"]
     for s in samplers:
         if s in wide:
@@ -240,7 +268,7 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str], wide: di
         for sch in schedulers:
             r = by.get((s, sch))
             if r is None:
-                lines.append(f"| {s} | {sch} | not measured | | |")
+                lines.append(previous.get((s, sch), f"| {s} | {sch} | not measured | | |"))
             elif r["verdict"] == "refused":
                 why = "refused: " + r["message"].split(" (")[0]
                 if "same" in r:
@@ -252,9 +280,12 @@ def table(rows: list[dict], samplers: list[str], schedulers: list[str], wide: di
     return "\n".join(lines)
 
 
-def summary(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str]) -> str:
+def summary(rows: list[dict], samplers: list[str], schedulers: list[str], wide: dict[str, str],
+            previous: dict[tuple[str, str], str] | None = None) -> str:
     """One line per sampler: the schedulers it works with, is refused with, and not yet measured with."""
-    by = {(r["sampler"], r["scheduler"]): r for r in rows}
+    by: dict[tuple[str, str], dict] = {pair: {"verdict": previous_verdict(line)} for pair, line in (previous or {}).items()}
+    by.update({(r["sampler"], r["scheduler"]): r for r in rows})
+    by = {pair: r for pair, r in by.items() if r["verdict"] != "not measured"}
     lines = ["| sampler | works with | refused with | not measured |", "|---|---|---|---|"]
     for s in samplers:
         if s in wide:
@@ -356,14 +387,30 @@ def main() -> None:
         rows.append(row)
     items = [i for r in rows for i in r.get("items", [])]
     (out / "guard_items.json").write_text(json.dumps(items))
+    import comfyui_version
+
+    table_path = Path(args.table)
+    old_text = table_path.read_text() if table_path.is_file() else ""
+    previous = {p: line for p, line in previous_rows(table_path).items() if p not in {(r["sampler"], r["scheduler"]) for r in rows}}
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
             f"demo model, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
             f"cfg {CFG:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
+    guard = "\n\n## Guard statistics (guard off)\n\n" + calibration(items) + "\n"
+    if previous:  # a partial run (new samplers of a newer host): the other pairs keep their earlier lines and header
+        settings = head.split(" demo model, ", 1)[1].split(". accuracy:")[0]
+        head = old_text.split("\n\n")[1] if old_text.count("\n\n") > 1 else head
+        head += (f"\n\nThe pairs measured in the latest run (ComfyUI {comfyui_version.__version__}, {settings}): "
+                 + ", ".join(sorted(f"{r['sampler']}/{r['scheduler']}" for r in rows)) + "; every other line is from the earlier runs.")
+        marker = "\n## Guard statistics (guard off)"
+        earlier = old_text.split(marker, 1)[1] if marker in old_text else "\n\n(none)\n"
+        earlier = earlier.split("\n## Guard statistics of the latest run", 1)[0]
+        guard = ("\n\n## Guard statistics (guard off)" + earlier.rstrip() + "\n\n## Guard statistics of the latest run (guard off)\n\n"
+                 + calibration(items) + "\n")
     wide = {s: m for s in all_samplers if (m := sup.refusal(s, ""))}
-    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n" + summary(rows, all_samplers, all_schedulers, wide)
-          + "\n\n## Every pair\n\n" + table(rows, all_samplers, all_schedulers, wide) + "\n\n## Guard statistics (guard off)\n\n"
-          + calibration(items) + "\n")
-    Path(args.table).write_text(md)
+    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n"
+          + summary(rows, all_samplers, all_schedulers, wide, previous)
+          + "\n\n## Every pair\n\n" + table(rows, all_samplers, all_schedulers, wide, previous) + guard)
+    table_path.write_text(md)
     print(f"\nwrote {args.table}")
     if args.calibrate:
         print(calibration(items))

@@ -108,10 +108,14 @@ export function showReport(node, lines) {
   node.setDirtyCanvas(true, true);
 }
 
+// The node a server message names: ids are numbers in frontend 1.32 and strings in 1.47, and a
+// node inside a subgraph is named "outer:inner" (its top-level node carries the report).
 function nodeOf(id) {
+  if (id == null) return null;
   const top = String(id).split(":")[0];
   const graph = app.rootGraph ?? app.graph;
-  return graph?.getNodeById(Number(top)) ?? graph?.getNodeById(top);
+  if (!graph) return null;
+  return graph.getNodeById(top) ?? graph.getNodeById(Number(top)) ?? graph.nodes?.find((n) => String(n.id) === top) ?? null;
 }
 
 function displayName(type, id) {

@@ -1,4 +1,4 @@
-"""The distributed build's only contact with the KB storage format (v2, kb_tools.kb_writer).
+"""The distributed build's only contact with the KB storage format (v2, kb_tools.storage.writer).
 
     listed_files(kb_dir)        the files a KB consists of now (what the file route may serve)
     first_files / rest_files    which files of a unit KB to download, in order

@@ -23,7 +23,7 @@ LISTEN = """() => {
 MEASURE_REPORTS = """() => app.rootGraph.nodes.filter((n) => n.widgets?.some((w) => w.name === "redi_report")).map((n) => {
   const el = n.widgets.find((w) => w.name === "redi_report").element;
   const r = el.getBoundingClientRect();
-  return { id: n.id, type: n.type, text: el.value, visible: el.offsetParent !== null && r.height > 0,
+  return { id: String(n.id), type: n.type, text: el.value, visible: el.offsetParent !== null && r.height > 0,
            scrollHeight: el.scrollHeight, clientHeight: el.clientHeight,
            scrollWidth: el.scrollWidth, clientWidth: el.clientWidth };
 })"""
@@ -42,6 +42,7 @@ class Frontend:
         self.page, self.base, self.out = page, base, out
         self.console: list[str] = []  # console errors and page errors
         self.failed: list[str] = []  # responses with status >= 400
+        self.start_dialogs: list[str] = []
         page.on("console", lambda m: self.console.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
@@ -50,9 +51,16 @@ class Frontend:
         self.page.goto(self.base + "/")
         self.wait_until("() => !!window.app?.rootGraph && !!window.app?.canvas && !!window.comfyAPI?.api?.api", timeout_s)
         self.page.evaluate(LISTEN)
-        self.page.wait_for_timeout(2000)  # dialogs a start may open
+        # the start settles on a workflow (frontend 1.32's default) or a dialog over an empty graph (1.47's template browser)
+        self.wait_until("() => app.rootGraph.nodes.length > 0 || !!document.querySelector('[role=dialog]')", timeout_s)
+        self.page.wait_for_timeout(2000)  # more dialogs a start may open
+        self.start_dialogs = [d.inner_text() for d in self.dialogs().all()]  # what the first start showed
         self.close_dialogs()
-        assert self.page.locator(".p-dialog").count() == 0, "a dialog stays open over the canvas"
+        assert self.dialogs().count() == 0, "a dialog stays open over the canvas"
+
+    def dialogs(self):
+        """The dialogs the user sees (PrimeVue's in frontend 1.32, reka-ui's in 1.47: both are role=dialog)."""
+        return self.page.locator("[role=dialog]:visible")
 
     def wait_until(self, js: str, timeout_s: float = 30, arg=None):
         """Poll a page-side predicate (Playwright's wait_for_function did not see this app's state)."""
@@ -119,10 +127,10 @@ class Frontend:
             time.sleep(0.3)
         return shown
 
-    def frame(self, node_ids: list[int] | None = None, scale: float = 1.0) -> None:
+    def frame(self, node_ids: list[str] | None = None, scale: float = 1.0) -> None:
         """Show the given nodes (default: the whole graph) at `scale`, from the top left of the canvas."""
         self.page.evaluate("""([ids, scale]) => {
-            const nodes = app.rootGraph.nodes.filter((n) => !ids || ids.includes(n.id));
+            const nodes = app.rootGraph.nodes.filter((n) => !ids || ids.map(String).includes(String(n.id)));
             const x = Math.min(...nodes.map((n) => n.pos[0])), y = Math.min(...nodes.map((n) => n.pos[1]));
             const ds = app.canvas.ds; ds.scale = scale; ds.offset[0] = 40 / scale - x; ds.offset[1] = 150 / scale - y;
             app.canvas.setDirty(true, true); app.canvas.draw(true, true);
@@ -138,18 +146,29 @@ class Frontend:
         self.page.screenshot(path=str(path))
         return path
 
-    def dialog_text(self, timeout_s: float = 30) -> str:
-        loc = self.page.locator(".p-dialog").last
-        loc.wait_for(state="visible", timeout=timeout_s * 1000)
-        return loc.inner_text()
+    def error_text(self, timeout_s: float = 30) -> str:
+        """An execution error as the user reads it, without its stack trace: frontend 1.32's error dialog, or
+        1.47's notice ("<node> failed") and the error report that its "View details" opens in the side panel."""
+        notice = self.page.get_by_role("status").filter(has=self.page.get_by_role("button", name="View details"))
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.dialogs().count():
+                return self.dialogs().last.inner_text()
+            if notice.count():
+                head = notice.first.inner_text()
+                notice.first.get_by_role("button", name="View details").click()
+                report = self.page.get_by_text("ComfyUI Error Report").last
+                report.wait_for(state="visible", timeout=timeout_s * 1000)
+                return head + "\n" + report.inner_text().split("## Stack Trace")[0]
+            time.sleep(0.25)
+        raise AssertionError(f"no error dialog or notice within {timeout_s}s")
 
     def close_dialogs(self) -> None:
         """Close every open dialog with its close button (the template browser of a first start too)."""
         for _ in range(4):
-            dialogs = self.page.locator(".p-dialog")
-            if dialogs.count() == 0:
+            if self.dialogs().count() == 0:
                 return
-            close = self.page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']")
+            close = self.dialogs().last.get_by_role("button", name="Close", exact=True)
             if close.count():
                 close.last.click(timeout=5000)
             else:

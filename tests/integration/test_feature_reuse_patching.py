@@ -158,14 +158,20 @@ def test_small_sdxl_architecture(env):
 def test_small_flux_dit(env):
     """A Flux-architecture DiT (double and single stream blocks) at small scale, from
     ComfyUI's own Flux config: its blocks reuse their keyframe residuals."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
     import comfy.supported_models
 
     _, _, patch, _ = env
-    cfg = comfy.supported_models.Flux({
+    unet_config = {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 16,
         "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2,
         "depth_single_blocks": 3, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": False,
-    })
+    }
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        unet_config["txt_ids_dims"] = []  # newer hosts (0.30): the text tokens' position ids, none for Flux.1 (as detected)
+    cfg = comfy.supported_models.Flux(unet_config)
     g = torch.Generator().manual_seed(1)
     ctx, pooled = torch.randn(1, 7, 32, generator=g), torch.randn(1, 16, generator=g)
     model, run = _random_model(cfg, lambda: [[ctx, {"pooled_output": pooled}]], torch.zeros(1, 16, 8, 8), 8, 1.0, "simple")

@@ -5,6 +5,7 @@ the stock loader reads."""
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from redi_demo import host
@@ -51,4 +52,9 @@ def test_tiny_run_resumes_and_exports_a_loadable_checkpoint(train, tmp_path, cap
     assert len(fit["latent_rgb_factors"]) == train.LATENT_CHANNELS and len(fit["latent_rgb_factors_bias"]) == 3
     model, clip, vae = host.load_checkpoint(out)
     assert type(model.model.model_config).__name__ == "ReDiDemoShapes"
+    # every UNet weight is in the file and loads as saved (ComfyUI 0.30 takes them from the caller)
+    saved = safetensors.torch.load_file(out)
+    unet = model.model.diffusion_model.state_dict()
+    assert {f"model.diffusion_model.{k}" for k in unet} <= set(saved)
+    assert all(torch.equal(v.half(), saved[f"model.diffusion_model.{k}"]) for k, v in unet.items() if v.is_floating_point())
     assert vae.latent_channels == train.LATENT_CHANNELS
