@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KBError
+from .storage import commit_log as kb_log
 from .storage import disk_format as kb_format
 from .storage import writer as kb_writer
 from .storage.disk_format import Entry, Fingerprint, State
@@ -49,7 +50,7 @@ def build(
     kb_dir = Path(kb_dir)
     header = kb_writer.create_kb(kb_dir, fp, dtype=dtype)
     kb_writer.remove_orphans(kb_dir)
-    tail = kb_format.read_tail_state(kb_dir, header)
+    tail = kb_log.read_tail_state(kb_dir, header)
     done = tail.count if tail.count <= len(prompts) and kb_format.prompt_chain(prompts[: tail.count]) == tail.chain else 0
     todo = prompts[done:] if done else prompts
     start = tail.count

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.disk_format import Entry, Fingerprint, listed_files
+from ..storage.commit_log import listed_files
+from ..storage.disk_format import Entry, Fingerprint
 from ..storage.writer import append_batch, create_kb, default_shard_rows
 
 RANK, CLUSTERS, NOISE = 16, 256, 0.15

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import KBError
 from . import index as kb_index
+from .commit_log import read_state
 from .disk_format import (
     IVF_RE,
     KEY_SPACES,
@@ -23,7 +24,6 @@ from .disk_format import (
     State,
     key_name,
     read_header,
-    read_state,
     safe_file,
     sha256_file,
 )

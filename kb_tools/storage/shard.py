@@ -134,7 +134,7 @@ class ShardFile:
         head = os.pread(self.fd, n, 8)
         try:
             meta = json.loads(head)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSON, UTF-8, huge integers
             raise self._bad(f"its header is not JSON ({e})") from e
         if not isinstance(meta, dict):
             raise self._bad("its header is not a JSON object")
@@ -206,7 +206,7 @@ class ShardFile:
         try:
             e = json.loads(raw)
             assert isinstance(e, dict) and isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e["pos"]) is int
-        except (KeyError, TypeError, ValueError, AssertionError, UnicodeDecodeError) as err:
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as err:
             raise self._bad(f"entry {i} is not an object with prompt, seed and pos") from err
         return Entry(e["prompt"], e["seed"], e["pos"])
 
@@ -245,7 +245,7 @@ class ShardFile:
             assert isinstance(ents, list) and len(ents) == count
             assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
             return [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
-        except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as e:
             raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
 
     def drop_entries(self) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import KBError
 from . import index as kb_index
+from .commit_log import read_state
 from .disk_format import (
     IVF_RE,
     RKEYS_RE,
@@ -20,7 +21,6 @@ from .disk_format import (
     key_list,
     key_name,
     read_header,
-    read_state,
     rkeys_file,
     safe_file,
     sha256_file,

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import KBError
 from . import index as kb_index
+from .commit_log import encode_line, read_state, read_tail_state
 from .compat import incompatible
 from .disk_format import (
     DEFAULT_SHARD_BYTES,
@@ -39,12 +40,9 @@ from .disk_format import (
     IndexRec,
     State,
     chain_step,
-    encode_line,
     key_list,
     key_name,
     read_header,
-    read_state,
-    read_tail_state,
     rkeys_file,
     safe_file,
     sha256_file,
