@@ -66,7 +66,7 @@ def build(
             if not (np.isfinite(x[s]).all() and np.isfinite(d[s]).all()):
                 raise KBError(f"the model produced NaN/inf latents at step {s}; this batch was not stored (check the model and cfg)")
         entries = [Entry(p, s, first + j) for j, (p, s) in enumerate(zip(batch, seeds))]
-        tail = kb_writer.append_batch(kb_dir, x, d, entries)
+        tail = kb_writer.append_batch(kb_dir, x, d, entries, number=True)  # pos given under the writer lock
         progress(min(i + batch_size, total), total)
     return tail
 

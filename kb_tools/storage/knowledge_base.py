@@ -8,6 +8,7 @@ candidates and neighbours of a query, each row checked against its checksum.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from .disk_format import (
     key_name,
     read_header,
     safe_file,
-    sha256_file,
 )
 from .reduced_keys import read_reduced_keys
 from .shard import ShardCache, check_values
+
+IVF_RETRIES = 3  # a reader's tries on newer IVF files while commits remove older ones
 
 
 class _Entries(Sequence):
@@ -170,10 +172,7 @@ class KnowledgeBase:
             keys = self.reduced_keys(space, step)
             rec = self.state.indexes.get(key_name(space, step))
             if rec is not None and kb_index.wants_ivf(len(keys), keys.shape[1]):
-                path = safe_file(self.path, rec.file, IVF_RE)
-                if sha256_file(path) != rec.sha256:
-                    raise KBError(f"{rec.file} does not match its checksum in the log (damaged or swapped); rebuild the KB")
-                centroids, lists = kb_index.load_ivf(path, rec.rows, keys.shape[1])
+                centroids, lists = self._ivf(key_name(space, step), keys.shape[1])
                 idx = kb_index.ivf_index(centroids, self.nprobe)
                 kb_index.add_preassigned(idx, keys, lists[: len(keys)])
             else:
@@ -182,6 +181,29 @@ class KnowledgeBase:
                 self._parse_shards()  # once per opened KB, with its first index
             self._indexes[key] = idx
         return self._indexes[key]
+
+    def _ivf(self, key: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF file of `key` that this KB's state lists, or, when a concurrent commit has
+        since removed it (writers keep KEEP_IVF_GENERATIONS), the newest one: a later IVF file
+        holds a list number for every key this state holds, in the same order (its reduced
+        keys only grow, checked on their chunk checksums), so its lists cover ours."""
+        rec = self.state.indexes[key]
+        for attempt in range(IVF_RETRIES + 1):
+            path = safe_file(self.path, rec.file, IVF_RE, must_exist=False)
+            try:
+                return kb_index.load_ivf(path, rec.rows, dims, rec.sha256)
+            except KBError:
+                if os.path.lexists(path) or attempt == IVF_RETRIES:
+                    if not os.path.lexists(path):
+                        raise KBError(f"{rec.file} was removed by commits to KB {self.name} while it was being read "
+                                      f"({IVF_RETRIES + 1} tries); run the query again") from None
+                    raise
+            newer = read_state(self.path, self.header)
+            mine, theirs = self.state.key_chunks.get(key, []), newer.key_chunks.get(key, [])
+            if theirs[: len(mine)] != mine or key not in newer.indexes or newer.indexes[key].rows < self.state.count:
+                raise KBError(f"KB {self.name} was replaced by a different KB while open; run the graph again (it is reopened)")
+            rec = newer.indexes[key]
+        raise AssertionError("unreachable")
 
     def _parse_shards(self) -> None:
         """Check every shard's header and row checksums against the log once (about 100 KB per

@@ -48,17 +48,29 @@ from .disk_format import (
     sha256_file,
     write_header,
 )
+from .reduced_keys import read_reduced_keys
 from .shard import ShardFile, write_shard
+from .structure import TEMP_RE, structure_problems
 
 Batch = tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[Entry]]
+
+
+# IVF files kept per key besides the current one: a reader that opened the KB a few commits
+# ago may still load its generation (and retries on the newest one when even that is gone)
+KEEP_IVF_GENERATIONS = 8
 
 
 @contextmanager
 def kb_lock(kb_dir: Path) -> Iterator[None]:
     """The KB's writer lock (blocks until no other writer holds it)."""
     kb_dir = Path(kb_dir)
-    kb_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(kb_dir / LOCK, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(kb_dir / LOCK, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        kind = "a symbolic link" if os.path.islink(kb_dir / LOCK) else "a folder" if os.path.isdir(kb_dir / LOCK) else "unusable"
+        raise KBError(f"cannot take the writer lock {kb_dir.name}/{LOCK}: it is {kind} ({e.strerror}); it must be a regular "
+                      "file (or absent): remove it, then append again") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -109,35 +121,54 @@ def _split(x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Ent
         yield ({s: v[a : a + rows] for s, v in x.items()}, {s: v[a : a + rows] for s, v in d.items()}, entries[a : a + rows])
 
 
+def writable_state(kb_dir: Path, header: Header) -> State:
+    """The committed state a writer continues from, after the checks `validate` makes that
+    cost no more than the log and a folder listing (the whole log, line by line, and
+    `structure_problems`); KBError, before any byte is written, for a KB that fails them."""
+    tail = read_tail_state(kb_dir, header)
+    problems = structure_problems(kb_dir, tail)
+    if problems:
+        raise KBError(f"KB {Path(kb_dir).name} is damaged; nothing was written to it. Run `python -m kb_tools validate` on it, "
+                      "re-copy or rebuild it, or write to a new KB name:\n- " + "\n- ".join(problems[:10]))
+    return tail
+
+
 def remove_orphans(kb_dir: Path) -> None:
     """Files a killed writer left behind (shards it never committed, temp files)."""
     kb_dir = Path(kb_dir)
     with kb_lock(kb_dir):
-        tail = read_tail_state(kb_dir, read_header(kb_dir))
+        tail = writable_state(kb_dir, read_header(kb_dir))
         for f in kb_dir.iterdir():
-            if f.name.endswith(".tmp") and f.name.startswith("."):
-                f.unlink()
-            elif SHARD_RE.match(f.name) and int(f.name[6:12]) >= tail.nshards and not f.is_symlink():
+            if not f.is_file() or f.is_symlink():
+                continue  # writable_state refused any link or folder under a name the writer uses
+            if TEMP_RE.match(f.name) or (SHARD_RE.match(f.name) and int(f.name[6:12]) >= tail.nshards):
                 f.unlink()
 
 
-def _update_ivf(kb_dir: Path, header: Header, tail: State, key: str, new_keys: np.ndarray, count: int) -> IndexRec | None:
+def _load_old_ivf(kb_dir: Path, header: Header, tail: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The committed IVF files (centroids, lists), checked before the commit writes anything."""
+    out = {}
+    for key, rec in tail.indexes.items():
+        out[key] = kb_index.load_ivf(safe_file(kb_dir, rec.file, IVF_RE), rec.rows, header.key_dims, rec.sha256)
+    return out
+
+
+def _update_ivf(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tuple[np.ndarray, np.ndarray]], key: str,
+                new_keys: np.ndarray, count: int) -> IndexRec | None:
     """The IVF list file after this commit (None while the KB is small enough for flat search)."""
     dims = header.key_dims
     if not kb_index.wants_ivf(count, dims):
         return None
-    old = tail.indexes.get(key)
+    old = old_ivf.get(key)
     centroids = lists = None
     if old is not None:
-        path = safe_file(kb_dir, old.file, IVF_RE)
-        if sha256_file(path) != old.sha256:
-            raise KBError(f"{old.file} does not match its checksum; run `python -m kb_tools validate` and rebuild the KB")
-        centroids, lists = kb_index.load_ivf(path, old.rows, dims)
+        centroids, lists = old
         if kb_index.nlist_for(count) >= kb_index.RETRAIN_GROWTH * len(centroids):
             centroids = lists = None
     if centroids is None:
         space, step = key.rsplit("_", 1)
-        all_keys = _read_rkeys(kb_dir, rkeys_file(space, int(step)), count, dims)
+        committed = read_reduced_keys(kb_dir, tail, space, int(step), tail.count) if tail.count else np.empty((0, dims), np.float32)
+        all_keys = np.concatenate([committed, new_keys])
         centroids = kb_index.train_centroids(all_keys)
         lists = kb_index.assign(centroids, all_keys)
     else:
@@ -147,18 +178,12 @@ def _update_ivf(kb_dir: Path, header: Header, tail: State, key: str, new_keys: n
     return IndexRec(name, count, sha256_file(kb_dir / name))
 
 
-def _read_rkeys(kb_dir: Path, name: str, rows: int, dims: int) -> np.ndarray:
-    path = safe_file(kb_dir, name, RKEYS_RE)
-    with open(path, "rb") as f:
-        raw = f.read(rows * dims * 4)
-    if len(raw) != rows * dims * 4:
-        raise KBError(f"{name} holds fewer than the {rows} committed keys; the KB is damaged, rebuild it")
-    return np.frombuffer(raw, dtype="<f4").reshape(rows, dims)
-
-
-def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None) -> State:
-    """Write `batches` as new shards and commit them with one log line. Call under the lock."""
-    tail = read_tail_state(kb_dir, header)
+def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None, number: bool = False) -> State:
+    """Write `batches` as new shards and commit them with one log line. Call under the lock.
+    With `number`, each entry's pos is its row in the KB (given here, under the lock, so
+    concurrent builders never share a pos)."""
+    tail = writable_state(kb_dir, header)
+    old_ivf = _load_old_ivf(kb_dir, header, tail)
     fp, dims = header.fingerprint, header.key_dims
     count, nshards, chain = tail.count, tail.nshards, tail.chain
     keys = _keys(header)
@@ -175,6 +200,8 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
         for x, d, entries in batches:
             if not entries:
                 continue
+            if number:
+                entries = [Entry(e.prompt, e.seed, count + j) for j, e in enumerate(entries)]
             for part in _split(x, d, entries, header.shard_rows):
                 name = f"shard_{nshards:06d}.safetensors"
                 rec = replace(write_shard(kb_dir, name, header, *part), first=count)
@@ -204,7 +231,7 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
     indexes = {k: v for k, v in tail.indexes.items()}
     for (space, s) in keys:
         k = key_name(space, s)
-        rec = _update_ivf(kb_dir, header, tail, k, np.concatenate(added[k]), count)
+        rec = _update_ivf(kb_dir, header, tail, old_ivf, k, np.concatenate(added[k]), count)
         if rec is not None:
             indexes[k] = rec
     line = encode_line({
@@ -221,25 +248,33 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
         os.fsync(fd)
     finally:
         os.close(fd)
-    _drop_old_indexes(kb_dir, tail, indexes)
+    _drop_old_indexes(kb_dir, indexes)
     return read_tail_state(kb_dir, header)
 
 
-def _drop_old_indexes(kb_dir: Path, tail: State, indexes: dict[str, IndexRec]) -> None:
-    """Keep the current and the previous IVF file of each key (a reader may still use that one)."""
-    keep = {r.file for r in indexes.values()} | {r.file for r in tail.indexes.values()}
+def _drop_old_indexes(kb_dir: Path, indexes: dict[str, IndexRec]) -> None:
+    """Keep the current IVF file of each key and the KEEP_IVF_GENERATIONS before it (readers
+    that opened the KB a few commits ago may still load theirs; see KnowledgeBase.index)."""
+    gens: dict[str, list[tuple[int, Path]]] = {}
     for f in kb_dir.iterdir():
-        if IVF_RE.match(f.name) and f.name not in keep and not f.is_symlink():
+        if IVF_RE.match(f.name) and f.is_file() and not f.is_symlink():
+            key, rows = f.name[4:-12].rsplit("_", 1)
+            gens.setdefault(key, []).append((int(rows), f))
+    for key, files in gens.items():
+        current = indexes.get(key)
+        older = sorted((r, f) for r, f in files if current is None or r < current.rows)
+        for _, f in older[: max(0, len(older) - KEEP_IVF_GENERATIONS)]:
             f.unlink()
 
 
 def append_batch(kb_dir: Path, x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Entry],
-                 unit: str | None = None) -> State:
-    """Commit one batch of trajectories (any size: split into bounded shards) to an existing KB."""
+                 unit: str | None = None, number: bool = False) -> State:
+    """Commit one batch of trajectories (any size: split into bounded shards) to an existing KB.
+    With `number`, the entries' pos is set to their rows in the KB at commit time."""
     kb_dir = Path(kb_dir)
     header = read_header(kb_dir)
     with kb_lock(kb_dir):
-        return _commit(kb_dir, header, [(x, d, entries)], unit)
+        return _commit(kb_dir, header, [(x, d, entries)], unit, number)
 
 
 def _source_batches(src_dir: Path, src_state: State, first_pos: int | None) -> Iterator[Batch]:
@@ -273,7 +308,7 @@ def append_kb(target: Path, source: Path, unit: str | None, first_pos: int | Non
         raise KBError(f"KB {source.name} is empty; nothing to append")
     header = create_kb(target, src_state.fingerprint, dtype=src_state.header.dtype)
     with kb_lock(target):
-        if unit is not None and unit in read_state(target, header).units:
+        if unit is not None and unit in writable_state(target, header).units:
             return False
         _commit(target, header, _source_batches(source, src_state, first_pos), unit)
     return True

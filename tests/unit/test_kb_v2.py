@@ -82,6 +82,7 @@ def test_reduced_key_search_reranks_to_the_exact_neighbour(tmp_path, monkeypatch
 
 def test_ivf_index_appends_stay_consistent(tmp_path, monkeypatch):
     monkeypatch.setattr(kb_index, "FLAT_MAX_FLOATS", 600 * 18)
+    monkeypatch.setattr(kb_writer, "KEEP_IVF_GENERATIONS", 1)
     rng = np.random.default_rng(1)
     kb_dir = tmp_path / "kb"
     kb_writer.create_kb(kb_dir, fingerprint(stored_steps=(2, 4)))
@@ -98,7 +99,7 @@ def test_ivf_index_appends_stay_consistent(tmp_path, monkeypatch):
     assert (got[:, 0] == exact[:, 0]).all() and got[:, 0].tolist() == [3, 700, 1499]
     assert validate_kb(kb_dir) == 1500
     ivf_files = sorted(p.name for p in kb_dir.glob("ivf_latent_2_*"))
-    assert len(ivf_files) <= 2  # current and previous generation only
+    assert len(ivf_files) == 2  # the current generation and KEEP_IVF_GENERATIONS (1 here) before it
     assert kb.subset(200).search("latent", 2, q[:1], 1)[1][0, 0] == 3
 
 
