@@ -105,7 +105,12 @@ def assign(centroids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     q.add(np.ascontiguousarray(centroids, dtype=np.float32))
     out = np.empty(len(keys), dtype=np.int32)
     for a in range(0, len(keys), 65536):
-        _, ids = q.search(np.ascontiguousarray(keys[a : a + 65536], dtype=np.float32), 1)
+        part = np.ascontiguousarray(keys[a : a + 65536], dtype=np.float32)
+        if len(part) > 4096:
+            _, ids = q.search(part, 1)
+        else:  # a commit's few new keys: OpenMP threads only contend (21 ms vs under 1 ms measured for 2 keys)
+            with single_thread():
+                _, ids = q.search(part, 1)
         out[a : a + 65536] = ids[:, 0]
     return out
 
