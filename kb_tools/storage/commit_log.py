@@ -167,16 +167,15 @@ def _open_log(kb_dir: Path) -> tuple[BinaryIO, os.stat_result] | None:
     except OSError as e:
         raise KBError(f"{LOG} of KB {kb_dir.name} cannot be opened ({e.strerror}): it must be a regular file, not a link or "
                       "folder; the KB is corrupt or hostile, do not use it") from None
-    f = os.fdopen(fd, "rb")
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        f.close()
+    if not stat.S_ISREG(st.st_mode):  # O_NOFOLLOW opens a folder or a device all the same
+        os.close(fd)
         raise KBError(f"{LOG} of KB {kb_dir.name} is not a regular file; the KB is corrupt or hostile, do not use it")
     if st.st_size > MAX_LOG_BYTES:
-        f.close()
+        os.close(fd)
         raise KBError(f"{LOG} of KB {kb_dir.name} is {st.st_size} bytes, more than the {MAX_LOG_BYTES} a log may have; "
                       f"if the KB is yours, {_COMPACT}; otherwise it is corrupt or hostile, do not use it")
-    return f, st
+    return os.fdopen(fd, "rb"), st
 
 
 def _scan(kb_dir: Path, f: BinaryIO, size: int, st: State, start: int, keep_shards: bool) -> tuple[int, int]:

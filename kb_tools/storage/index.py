@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,7 +178,10 @@ def load_ivf(path: Path, rows: int, dims: int, sha256: str | None = None) -> tup
     except OSError as e:
         raise KBError(f"{name} cannot be opened ({e.strerror}); it must be a regular file of the KB, re-copy or rebuild it") from None
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KBError(f"{name} is not a regular file; it must be a file of the KB, re-copy or rebuild it")
+        size = st.st_size
         if size > limit:
             raise KBError(f"{name} is {size} bytes, more than an index of {rows} keys may be; the KB is corrupt or hostile")
         data = f.read(limit + 1)

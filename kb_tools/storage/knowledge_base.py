@@ -179,6 +179,7 @@ class KnowledgeBase:
                 idx = kb_index.flat_index(keys)
             if not self._indexes:
                 self._parse_shards()  # once per opened KB, with its first index
+            self._check_first_rows(space, step, keys)
             self._indexes[key] = idx
         return self._indexes[key]
 
@@ -204,6 +205,20 @@ class KnowledgeBase:
                 raise KBError(f"KB {self.name} was replaced by a different KB while open; run the graph again (it is reopened)")
             rec = newer.indexes[key]
         raise AssertionError("unreachable")
+
+    def _check_first_rows(self, space: str, step: int, keys: np.ndarray) -> None:
+        """The first row of every shard must give its reduced key in the rkeys file: one row per
+        shard (4,096 entries) catches a shard swapped in from another KB even when the log was
+        re-signed to match it (validate compares every row)."""
+        tensor = ("x" if space == "latent" else "d") + f".{step}"
+        for rec in self.state.shards:
+            if rec.first >= self._count:
+                break
+            row = self._rows(tensor, [rec.first])
+            red = kb_index.reduce_keys(row, self.fingerprint.latent_shape, self.header.pool)
+            if not np.allclose(red[0], keys[rec.first], rtol=1e-5, atol=1e-5):
+                raise KBError(f"{rec.file} does not hold the entries its reduced keys ({key_name(space, step)}) were made from: "
+                              f"the shard was swapped or the log re-signed; run `python -m kb_tools validate` and re-copy or rebuild KB {self.name}")
 
     def _parse_shards(self) -> None:
         """Check every shard's header and row checksums against the log once (about 100 KB per

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import zlib
 from collections import OrderedDict
@@ -98,6 +99,8 @@ class ShardFile:
         except OSError as e:
             raise KBError(f"{self.name} cannot be opened ({e.strerror}); re-copy or rebuild the KB") from e
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise self._bad("it is not a regular file")
             self._parse(header, check_head)
             st = os.fstat(self.fd)
             self._ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
