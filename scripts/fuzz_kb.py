@@ -501,6 +501,8 @@ def worker(args) -> None:
         expected[b] = {"q": q, "fp": read_state(bases / b).fingerprint, "truth": _base_truth(bases / b, q)}
     for line in sys.stdin:
         n = int(line)
+        if n == args.inject_crash:  # tests the harness: this case must be counted as a crash
+            os.kill(os.getpid(), 11)
         print("done " + json.dumps(run_case(n, args.seed, bases, work, expected)), flush=True)
 
 
@@ -508,7 +510,8 @@ def worker(args) -> None:
 
 class Worker:
     def __init__(self, args, bases: Path, wid: int) -> None:
-        cmd = [sys.executable, __file__, "--worker", "--bases", str(bases), "--work", str(Path(args.work) / f"w{wid}"), "--seed", str(args.seed)]
+        cmd = [sys.executable, __file__, "--worker", "--bases", str(bases), "--work", str(Path(args.work) / f"w{wid}"), "--seed", str(args.seed),
+               "--inject-crash", str(args.inject_crash)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT)
         self.current: int | None = None
         self.since = 0.0
@@ -607,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bases", help=argparse.SUPPRESS)
+    ap.add_argument("--inject-crash", type=int, default=-1, help=argparse.SUPPRESS)  # the harness' own test
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)

@@ -228,12 +228,20 @@ class KnowledgeBase:
                 break
             self._shards.get(rec, keep_open=False)
 
+    def _query_rows(self, queries: np.ndarray) -> np.ndarray:
+        """Query latents as rows of the KB's latent size (KBError for another size)."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        if q.shape[1] != int(np.prod(self.fingerprint.latent_shape)):
+            raise KBError(f"the query latent has {q.shape[1]} values per item, KB {self.name} stores latents of shape "
+                          f"{list(self.fingerprint.latent_shape)}; use a KB built at this resolution and model")
+        return q
+
     def search(self, space: str, step: int, queries: np.ndarray, n: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The `n` nearest entries of each query by exact L2 on full keys: (distances, ids), B x n.
 
         Candidates come from the reduced-key index (`rerank` of them, default self.rerank);
         their full keys are read from the shards and ranked exactly."""
-        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        q = self._query_rows(queries)
         check_values(q, "the query latent")
         n = max(1, min(int(n), self._count))
         cand_n = max(n, int(rerank if rerank is not None else self.rerank))
@@ -258,7 +266,7 @@ class KnowledgeBase:
 
     def exact_search(self, space: str, step: int, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over every full key (reads them all): the reference for recall checks."""
-        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        q = self._query_rows(queries)
         best_d = np.full((len(q), 0), np.inf)
         best_i = np.zeros((len(q), 0), dtype=np.int64)
         for rec in self.state.shards:

@@ -387,3 +387,12 @@ def test_validate_lists_a_bad_shard_without_follow_on_rkeys_problems(tmp_path):
     with pytest.raises(KBError) as e:
         validate_kb(d)
     assert "(1 problem(s))" in str(e.value) and "shard_000001.safetensors does not match" in str(e.value)
+
+
+def test_a_query_of_another_latent_size_is_a_kb_error(kb_dir):
+    """Found by the fuzzer: a manifest whose latent shape was changed made the query's reshape raise ValueError."""
+    kb = KnowledgeBase.open(kb_dir)
+    with pytest.raises(KBError, match="values per item"):
+        kb.search("latent", 2, np.zeros((1, 20), np.float32), 1)
+    with pytest.raises(KBError, match="values per item"):
+        kb.exact_search("latent", 2, np.zeros((1, 20), np.float32), 1)
