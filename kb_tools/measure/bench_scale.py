@@ -145,7 +145,7 @@ def run(args) -> None:
         write_s = write_kb(path, shape, steps, args.entries, args.batch, args.dtype)
         size = sum((path / f).stat().st_size for f in listed_files(path))
         res = subprocess.run([sys.executable, "-m", "kb_tools", "bench-scale", "--probe", str(path), "--queries", str(args.queries)],
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])  # the repository root
         if res.returncode:
             raise SystemExit(f"probe failed:\n{res.stderr[-2000:]}")
         p = json.loads(res.stdout.strip().splitlines()[-1])
