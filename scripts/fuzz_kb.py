@@ -20,6 +20,7 @@ Checked per case (docs/kb_fuzzing.md says why these and how agreement is defined
                 or made validate accept it
   touched       an append was refused but a byte of the KB changed (every file hashed
                 before and after)
+  outside       validate, query or append opened a file outside the KB folder (audit hook)
 Each worker runs many cases in one process (a case that kills it is the crash, the driver
 restarts it after that case).
 """
@@ -149,6 +150,8 @@ def resign_lines(lines: list[dict]) -> bytes:
 
 def _mutate_log(rng: random.Random, kb: Path, resign: bool) -> str:
     path = kb / "log.jsonl"
+    if not _regular(path):
+        return "log is not a regular file"
     lines = [json.loads(x) for x in path.read_bytes().splitlines()]
     op = rng.choice(["field", "field", "reorder", "duplicate", "drop", "drop_last", "swap_shard_rec"])
     i = rng.randrange(len(lines))
@@ -189,10 +192,17 @@ def _mutate_safetensors_header(rng: random.Random, path: Path) -> str:
     return f"header of {path.name}"
 
 
+def _regular(path: Path) -> bool:
+    """A regular file small enough to read whole (mutations skip links, folders, sparse tails)."""
+    return path.is_file() and not path.is_symlink() and path.stat().st_size <= (64 << 20)
+
+
 def _resign_file(kb: Path, name: str) -> None:
     """Make the log agree with a changed file again (sha256 and head_sha), as a hostile author can."""
     from kb_tools.storage.shard import ShardFile
 
+    if not _regular(kb / "log.jsonl") or not _regular(kb / name):
+        return
     lines = [json.loads(x) for x in (kb / "log.jsonl").read_bytes().splitlines()]
     sha = hashlib.sha256((kb / name).read_bytes()).hexdigest()
     for ln in lines:
@@ -391,6 +401,20 @@ def _append(kb_dir: Path, base_fp):
     append_batch(kb_dir, x, {s: v * 0.5 for s, v in x.items()}, [Entry("fuzz 0", 1, 0), Entry("fuzz 1", 1, 0)], number=True)
 
 
+_WATCH: dict = {"root": None, "outside": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Record every file the pack opens outside the case's KB folder while it runs (Python's
+    audit hook sees builtins.open, io.open and os.open; the pack opens KB files only so)."""
+    root = _WATCH["root"]
+    if event != "open" or root is None or isinstance(args[0], int):
+        return
+    p = os.path.abspath(os.fsdecode(args[0]))
+    if not (p == root or p.startswith(root + os.sep) or p.startswith((sys.prefix, sys.base_prefix, str(ROOT)))):
+        _WATCH["outside"].append(p)
+
+
 def _outcome(fn):
     from kb_tools.errors import is_kb_error
 
@@ -448,16 +472,22 @@ def run_case(n: int, seed: int, bases: Path, work: Path, expected: dict) -> dict
     muts = mutate(rng, kb, other)
     res: dict = {"case": n, "base": base, "mutations": muts}
     t1 = time.perf_counter()
+    _WATCH["root"], _WATCH["outside"] = str(kb), []
     v = _outcome(lambda: validate_kb(kb))
     t2 = time.perf_counter()
     q = _outcome(lambda: _query(kb, expected[base]["q"]))
     t3 = time.perf_counter()
+    _WATCH["root"] = None
     before = tree_hashes(kb)
     old = {name: (kb / name).read_bytes() for name in before if name == "log.jsonl" or name.startswith("rkeys_")
            if (kb / name).is_file() and not (kb / name).is_symlink() and (kb / name).stat().st_size < (64 << 20)}
     ends = _committed_ends(kb)
+    _WATCH["root"] = str(kb)
     a = _outcome(lambda: _append(kb, expected[base]["fp"]))
+    _WATCH["root"] = None
     after = tree_hashes(kb)
+    if _WATCH["outside"]:
+        res["outside"] = sorted(set(_WATCH["outside"]))[:5]
     res["seconds"] = [round(t1 - t0, 3), round(t2 - t1, 3), round(t3 - t2, 3), round(time.perf_counter() - t3, 3)]
     res.update(validate=v[0], query=q[0], append=a[0])
     raw = [f"{what}: {out[1]}" for what, out in (("validate", v), ("query", q), ("append", a)) if out[0] == "raw"]
@@ -487,6 +517,7 @@ def run_case(n: int, seed: int, bases: Path, work: Path, expected: dict) -> dict
 
 def worker(args) -> None:
     os.fsync = lambda fd: None  # durability is not under test: 5x more cases per second
+    sys.addaudithook(_audit)
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # an unbounded allocation fails instead of swapping
     from kb_tools.storage.commit_log import read_state
     from kb_tools.storage.knowledge_base import KnowledgeBase
@@ -530,7 +561,7 @@ def drive(args) -> dict:
     bases = make_bases(work)
     todo = list(range(args.first, args.first + args.cases))
     todo.reverse()
-    counts = {"cases": 0, "crash": 0, "hang": 0, "worker_error": 0, "raw": 0, "disagree": 0, "touched": 0}
+    counts = {"cases": 0, "crash": 0, "hang": 0, "worker_error": 0, "raw": 0, "disagree": 0, "touched": 0, "outside": 0}
     by_validate = {"ok": 0, "refused": 0, "raw": 0}
     by_outcome: dict[str, int] = {}
     findings = []
@@ -539,7 +570,8 @@ def drive(args) -> dict:
     for w in workers:
         if todo:
             w.give(todo.pop())
-    log = open(work / "results.jsonl", "w") if args.keep_results else None
+    log = open(work / "results.jsonl", "w", buffering=1) if args.keep_results else None
+    shown = 0
     while any(w.current is not None for w in workers):
         ready, _, _ = select.select([w.proc.stdout for w in workers if w.current is not None], [], [], 5)
         for w in workers:
@@ -566,7 +598,7 @@ def drive(args) -> dict:
                 by_validate[res["validate"]] = by_validate.get(res["validate"], 0) + 1
                 key = f"validate {res['validate']}, query {res['query']}, append {res['append']}"
                 by_outcome[key] = by_outcome.get(key, 0) + 1
-                for k in ("raw", "disagree", "touched"):
+                for k in ("raw", "disagree", "touched", "outside"):
                     if k in res:
                         counts[k] += 1
                         findings.append(res)
@@ -587,7 +619,8 @@ def drive(args) -> dict:
                 workers[i] = Worker(args, bases, i)
                 if todo:
                     workers[i].give(todo.pop())
-        if counts["cases"] and counts["cases"] % 1000 == 0 and args.progress:
+        if args.progress and counts["cases"] // 1000 > shown:
+            shown = counts["cases"] // 1000
             print(f"  {counts['cases']} cases, {time.time() - t0:.0f} s", flush=True)
     for w in workers:
         w.proc.stdin.close()
@@ -617,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     s = drive(args)
     print(json.dumps({k: v for k, v in s.items() if k != "findings"}, indent=1))
-    return 1 if any(s[k] for k in ("crash", "hang", "worker_error", "raw", "disagree", "touched")) else 0
+    return 1 if any(s[k] for k in ("crash", "hang", "worker_error", "raw", "disagree", "touched", "outside")) else 0
 
 
 if __name__ == "__main__":

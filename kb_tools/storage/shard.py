@@ -62,6 +62,20 @@ def check_values(arr: np.ndarray, what: str) -> None:
         raise KBError(f"{what} holds values up to {peak:.3g}, beyond the {MAX_ABS_VALUE:g} a latent may have; the data is corrupt or hostile")
 
 
+def check_batch(header: Header, x: dict[int, np.ndarray], d: dict[int, np.ndarray], n: int) -> None:
+    """Refuse a batch of `n` trajectories that does not fit the KB (a step missing, a shape, a
+    value), before anything of it is written."""
+    fp = header.fingerprint
+    for s in fp.stored_steps:
+        for key, src in (("x", x), ("d", d)):
+            if s not in src:
+                raise KBError(f"the batch has no {key}.{s} (the KB stores steps {list(fp.stored_steps)})")
+            arr = np.asarray(src[s])
+            if arr.shape != (n, *fp.latent_shape):
+                raise KBError(f"{key}.{s} has shape {arr.shape}, expected {(n, *fp.latent_shape)} (the KB's latent shape)")
+            check_values(arr, f"the trajectories at step {s}")
+
+
 def write_shard(kb_dir: Path, name: str, header: Header, x: dict[int, np.ndarray], d: dict[int, np.ndarray],
                 entries: list[Entry]) -> ShardRec:
     """Write rows [0, len(entries)) of x/d as shard `name`; returns its record (first=-1, set by the caller)."""
@@ -69,12 +83,10 @@ def write_shard(kb_dir: Path, name: str, header: Header, x: dict[int, np.ndarray
     n = len(entries)
     st_dtype = _ST_DTYPES[header.dtype][1]
     tensors: dict[str, np.ndarray] = {}
+    check_batch(header, x, d, n)
     for s in fp.stored_steps:
         for key, src in (("x", x), ("d", d)):
             arr = np.asarray(src[s])
-            if arr.shape != (n, *fp.latent_shape):
-                raise KBError(f"{key}.{s} has shape {arr.shape}, expected {(n, *fp.latent_shape)}")
-            check_values(arr, f"the trajectories at step {s}")
             stored = np.ascontiguousarray(arr, dtype=st_dtype)
             tensors[f"{key}.{s}"] = stored
             tensors[f"crc.{key}.{s}"] = row_crcs(stored)

@@ -49,7 +49,7 @@ from .disk_format import (
     write_header,
 )
 from .reduced_keys import read_reduced_keys
-from .shard import ShardFile, write_shard
+from .shard import ShardFile, check_batch, write_shard
 from .structure import TEMP_RE, structure_problems
 
 Batch = tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[Entry]]
@@ -127,10 +127,37 @@ def writable_state(kb_dir: Path, header: Header) -> State:
     `structure_problems`); KBError, before any byte is written, for a KB that fails them."""
     tail = read_tail_state(kb_dir, header)
     problems = structure_problems(kb_dir, tail)
+    if not problems:
+        problems = _last_commit_problems(kb_dir, tail)
     if problems:
         raise KBError(f"KB {Path(kb_dir).name} is damaged; nothing was written to it. Run `python -m kb_tools validate` on it, "
                       "re-copy or rebuild it, or write to a new KB name:\n- " + "\n- ".join(problems[:10]))
     return tail
+
+
+def _last_commit_problems(kb_dir: Path, tail: State) -> list[str]:
+    """The last commit's files against the log (one shard header, one chunk of reduced keys per
+    key): a manifest edited after the build (another latent shape, pool or dtype) or a swapped
+    file shows here, before the writer continues the files with the wrong sizes."""
+    problems = []
+    if tail.shards:
+        rec = tail.shards[-1]
+        try:
+            ShardFile(safe_file(kb_dir, rec.file, SHARD_RE), rec, tail.header).close()
+        except KBError as e:
+            problems.append(str(e))
+    dims = tail.header.key_dims
+    for k, chunks in tail.key_chunks.items():
+        start = chunks[-2][0] if len(chunks) > 1 else 0
+        rows, sha = chunks[-1]
+        space, step = k.rsplit("_", 1)  # a key name the log checked
+        with open(safe_file(kb_dir, rkeys_file(space, int(step)), RKEYS_RE), "rb") as f:
+            f.seek(start * dims * 4)
+            raw = f.read((rows - start) * dims * 4)
+        if hashlib.sha256(raw).hexdigest() != sha:
+            problems.append(f"{rkeys_file(space, int(step))} rows {start}..{rows - 1} do not match their checksum in the log "
+                            "(damaged, swapped, or the manifest was changed)")
+    return problems
 
 
 def remove_orphans(kb_dir: Path) -> None:
@@ -153,8 +180,23 @@ def _load_old_ivf(kb_dir: Path, header: Header, tail: State) -> dict[str, tuple[
     return out
 
 
+def _retrain_keys(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tuple[np.ndarray, np.ndarray]],
+                  count: int) -> dict[str, np.ndarray]:
+    """The committed reduced keys (checked on their chunk checksums) of every key whose IVF
+    centroids a commit reaching `count` entries will train, read before the commit writes
+    anything: damage there refuses the append with no byte changed."""
+    out = {}
+    dims = header.key_dims
+    for space, step in key_list(header.fingerprint):
+        k = key_name(space, step)
+        old = old_ivf.get(k)
+        if kb_index.wants_ivf(count, dims) and (old is None or kb_index.nlist_for(count) >= kb_index.RETRAIN_GROWTH * len(old[0])):
+            out[k] = read_reduced_keys(kb_dir, tail, space, step, tail.count) if tail.count else np.empty((0, dims), np.float32)
+    return out
+
+
 def _update_ivf(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tuple[np.ndarray, np.ndarray]], key: str,
-                new_keys: np.ndarray, count: int) -> IndexRec | None:
+                new_keys: np.ndarray, count: int, committed_keys: dict[str, np.ndarray]) -> IndexRec | None:
     """The IVF list file after this commit (None while the KB is small enough for flat search)."""
     dims = header.key_dims
     if not kb_index.wants_ivf(count, dims):
@@ -166,8 +208,10 @@ def _update_ivf(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tu
         if kb_index.nlist_for(count) >= kb_index.RETRAIN_GROWTH * len(centroids):
             centroids = lists = None
     if centroids is None:
-        space, step = key.rsplit("_", 1)
-        committed = read_reduced_keys(kb_dir, tail, space, int(step), tail.count) if tail.count else np.empty((0, dims), np.float32)
+        committed = committed_keys.get(key)
+        if committed is None:  # a commit of another size than announced
+            space, step = key.rsplit("_", 1)
+            committed = read_reduced_keys(kb_dir, tail, space, int(step), tail.count) if tail.count else np.empty((0, dims), np.float32)
         all_keys = np.concatenate([committed, new_keys])
         centroids = kb_index.train_centroids(all_keys)
         lists = kb_index.assign(centroids, all_keys)
@@ -178,28 +222,33 @@ def _update_ivf(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tu
     return IndexRec(name, count, sha256_file(kb_dir / name))
 
 
-def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None, number: bool = False) -> State:
-    """Write `batches` as new shards and commit them with one log line. Call under the lock.
-    With `number`, each entry's pos is its row in the KB (given here, under the lock, so
-    concurrent builders never share a pos)."""
+def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None, number: bool = False,
+            adding: int = 0) -> State:
+    """Write `batches` (`adding` entries in all) as new shards and commit them with one log
+    line. Call under the lock. Everything that can refuse the commit is read and checked
+    before its first write. With `number`, each entry's pos is its row in the KB (given here,
+    under the lock, so concurrent builders never share a pos)."""
     tail = writable_state(kb_dir, header)
     old_ivf = _load_old_ivf(kb_dir, header, tail)
+    committed_keys = _retrain_keys(kb_dir, header, tail, old_ivf, tail.count + adding)
     fp, dims = header.fingerprint, header.key_dims
     count, nshards, chain = tail.count, tail.nshards, tail.chain
     keys = _keys(header)
     files, hashes, added = {}, {}, {}
     shards = []
     try:
-        for (space, s) in keys:
-            k = key_name(space, s)
-            path = safe_file(kb_dir, rkeys_file(space, s), RKEYS_RE, must_exist=False)
-            f = open(path, "r+b" if path.exists() else "w+b")
-            f.truncate(count * dims * 4)  # rows a killed writer appended but never committed
-            f.seek(count * dims * 4)
-            files[k], hashes[k], added[k] = f, hashlib.sha256(), []
         for x, d, entries in batches:
             if not entries:
                 continue
+            check_batch(header, x, d, len(entries))  # a refused batch: not a byte written yet (the first one)
+            if not files:
+                for (space, s) in keys:
+                    k = key_name(space, s)
+                    path = safe_file(kb_dir, rkeys_file(space, s), RKEYS_RE, must_exist=False)
+                    f = open(path, "r+b" if path.exists() else "w+b")
+                    files[k], hashes[k], added[k] = f, hashlib.sha256(), []
+                    f.truncate(count * dims * 4)  # rows a killed writer appended but never committed
+                    f.seek(count * dims * 4)
             if number:
                 entries = [Entry(e.prompt, e.seed, count + j) for j, e in enumerate(entries)]
             for part in _split(x, d, entries, header.shard_rows):
@@ -231,7 +280,7 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
     indexes = {k: v for k, v in tail.indexes.items()}
     for (space, s) in keys:
         k = key_name(space, s)
-        rec = _update_ivf(kb_dir, header, tail, old_ivf, k, np.concatenate(added[k]), count)
+        rec = _update_ivf(kb_dir, header, tail, old_ivf, k, np.concatenate(added[k]), count, committed_keys)
         if rec is not None:
             indexes[k] = rec
     line = encode_line({
@@ -274,7 +323,7 @@ def append_batch(kb_dir: Path, x: dict[int, np.ndarray], d: dict[int, np.ndarray
     kb_dir = Path(kb_dir)
     header = read_header(kb_dir)
     with kb_lock(kb_dir):
-        return _commit(kb_dir, header, [(x, d, entries)], unit, number)
+        return _commit(kb_dir, header, [(x, d, entries)], unit, number, adding=len(entries))
 
 
 def _source_batches(src_dir: Path, src_state: State, first_pos: int | None) -> Iterator[Batch]:
@@ -310,7 +359,7 @@ def append_kb(target: Path, source: Path, unit: str | None, first_pos: int | Non
     with kb_lock(target):
         if unit is not None and unit in writable_state(target, header).units:
             return False
-        _commit(target, header, _source_batches(source, src_state, first_pos), unit)
+        _commit(target, header, _source_batches(source, src_state, first_pos), unit, adding=src_state.count)
     return True
 
 

@@ -214,7 +214,18 @@ def _short_rkeys(d):
         f.truncate(18 * 4)
 
 
+def _manifest(**change):
+    def damage(d):
+        m = json.loads((d / "manifest.json").read_text())
+        for k, v in change.items():
+            (m["fingerprint"] if k == "latent_shape" else m)[k] = v
+        (d / "manifest.json").write_text(json.dumps(m))
+    return damage
+
+
 DAMAGES = {
+    "manifest latent shape": (_manifest(latent_shape=[2, 1, 9]), "expected dtype F16 shape|other settings"),  # found by the fuzzer
+    "manifest dtype": (_manifest(dtype="float32"), "expected dtype F32"),
     "lock symlink": (_damage_lock_link, "writer lock"),
     "lock folder": (_damage_lock_dir, "writer lock"),
     "garbage last line": (_append_to_log(b"\x00garbage{{\n"), "not JSON"),
@@ -243,6 +254,22 @@ def test_append_to_a_damaged_kb_is_one_kb_error_and_changes_nothing(kb_dir, name
     if "lock" not in name:  # the lock is the writer's, not part of the KB
         with pytest.raises(KBError, match=needle):
             validate_kb(kb_dir)  # validate refuses the same KB for the same reason
+
+
+def test_an_append_that_retrains_the_ivf_reads_the_damaged_keys_before_writing(tmp_path, monkeypatch):
+    """Found by the fuzzer: damage in an earlier chunk of the reduced keys was met by the k-means
+    retraining after the new shard and keys were written."""
+    d = ivf_kb(tmp_path, monkeypatch)
+    rng = np.random.default_rng(2)
+    x = {s: rng.normal(size=(4, *SHAPE)).astype(np.float32) for s in (2, 4)}
+    kb_writer.append_batch(d, x, {s: v * 0.5 for s, v in x.items()}, [Entry(f"n{j}", 1, 0) for j in range(4)])
+    data = bytearray((d / "rkeys_latent_2.f32").read_bytes())
+    data[40] ^= 4  # row 0: the first commit's chunk
+    (d / "rkeys_latent_2.f32").write_bytes(bytes(data))
+    before = tree_hashes(d)
+    with pytest.raises(KBError, match=r"rkeys_latent_2.f32 rows 0..399 do not match their checksum"):
+        kb_writer.append_batch(d, x, {s: v * 0.5 for s, v in x.items()}, [Entry(f"m{j}", 1, 0) for j in range(4)])
+    assert tree_hashes(d) == before
 
 
 def test_append_kb_refuses_a_damaged_target(kb_dir, tmp_path):
