@@ -391,11 +391,18 @@ def _genuine(result: dict, truth: dict) -> bool:
 
 
 def _append(kb_dir: Path, base_fp):
+    """Two new entries that fit what the KB's manifest says (latent shape, stored steps), or the
+    base's fingerprint when the manifest is unreadable: a refusal is then about the KB, not
+    about a request that does not fit it."""
     import numpy as np
 
-    from kb_tools.storage.disk_format import Entry
+    from kb_tools.storage.disk_format import Entry, read_header
     from kb_tools.storage.writer import append_batch
 
+    try:
+        base_fp = read_header(kb_dir).fingerprint
+    except Exception:
+        pass  # the append below meets the same problem and refuses it
     rng = np.random.default_rng(5)
     x = {s: rng.normal(size=(2, *base_fp.latent_shape)).astype(np.float32) for s in base_fp.stored_steps}
     append_batch(kb_dir, x, {s: v * 0.5 for s, v in x.items()}, [Entry("fuzz 0", 1, 0), Entry("fuzz 1", 1, 0)], number=True)
