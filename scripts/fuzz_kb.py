@@ -233,7 +233,7 @@ def mutate(rng: random.Random, kb: Path, other: Path) -> list[str]:
         name = rng.choice(files + ["log.jsonl", "log.jsonl", ".lock", "<tempdir>"])
         try:
             what = _mutate_one(rng, kb, other, name)
-        except (OSError, ValueError, MemoryError, IndexError, KeyError, TypeError, AttributeError, struct.error):
+        except (OSError, ValueError, MemoryError, RecursionError, IndexError, KeyError, TypeError, AttributeError, struct.error):
             what = None  # the file is already too damaged for this mutation (a sparse tail, a folder...)
         if what:
             done.append(what)

@@ -77,7 +77,7 @@ def _shard_problems(shards: list, header: Header, prev: State) -> tuple[list[str
             p.append(f"shard file {rec['file']!r:.80} is not a plain shard name like shard_{nshards:06d}.safetensors (the next shard)")
         if not _is_int(rec["count"]) or not 1 <= rec["count"] <= header.shard_rows:
             p.append(f"shard count {rec['count']!r:.40} must be an integer in 1..{header.shard_rows}")
-        elif rec["first"] != count:
+        elif not _is_int(rec["first"]) or rec["first"] != count:  # 4.0 == 4 in Python: the type first
             p.append(f"shard {rec['file']!r:.80} starts at row {rec['first']!r:.40}, expected {count}")
         else:
             count += rec["count"]

@@ -103,6 +103,15 @@ def test_faiss_never_sees_lists_shorter_than_the_keys():
         kb_index.search(kb_index.flat_index(np.zeros((3, 18), np.float32)), np.zeros((1, 5), np.float32), 1)
 
 
+def test_a_float_where_the_log_needs_an_integer_is_refused(kb_dir):
+    """Found by the fuzzer: a re-signed shard record with "first": 3.0 (== 3 in Python) reached
+    os.pread as a float offset (TypeError)."""
+    resign(kb_dir, lambda i, o: o["shards"][0].update(first=float(o["shards"][0]["first"])) if i == 1 else None)
+    for run in (query, validate_kb, kb_log.read_state):
+        with pytest.raises(KBError, match="starts at row 3.0, expected 3"):
+            run(kb_dir)
+
+
 # ---- 2: validate reads every stored step's tensors -----------------------------------------
 
 @pytest.mark.parametrize("value, needle", [(np.inf, "NaN or infinite"), (np.nan, "NaN or infinite"), (3e38, "beyond")])
