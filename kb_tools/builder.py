@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KBError
+from .storage import commit_log as kb_log
 from .storage import disk_format as kb_format
 from .storage import writer as kb_writer
 from .storage.disk_format import Entry, Fingerprint, State
@@ -49,7 +50,7 @@ def build(
     kb_dir = Path(kb_dir)
     header = kb_writer.create_kb(kb_dir, fp, dtype=dtype)
     kb_writer.remove_orphans(kb_dir)
-    tail = kb_format.read_tail_state(kb_dir, header)
+    tail = kb_log.read_tail_state(kb_dir, header)
     done = tail.count if tail.count <= len(prompts) and kb_format.prompt_chain(prompts[: tail.count]) == tail.chain else 0
     todo = prompts[done:] if done else prompts
     start = tail.count
@@ -65,7 +66,7 @@ def build(
             if not (np.isfinite(x[s]).all() and np.isfinite(d[s]).all()):
                 raise KBError(f"the model produced NaN/inf latents at step {s}; this batch was not stored (check the model and cfg)")
         entries = [Entry(p, s, first + j) for j, (p, s) in enumerate(zip(batch, seeds))]
-        tail = kb_writer.append_batch(kb_dir, x, d, entries)
+        tail = kb_writer.append_batch(kb_dir, x, d, entries, number=True)  # pos given under the writer lock
         progress(min(i + batch_size, total), total)
     return tail
 

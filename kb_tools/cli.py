@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from . import builder
-from .errors import KBError
-from .storage.disk_format import DEFAULT_STORED_STEPS, listed_files, read_header, read_state
+from .errors import KBError, is_kb_error
+from .storage.commit_log import listed_files, read_state
+from .storage.disk_format import DEFAULT_STORED_STEPS, read_header
 from .storage.knowledge_base import KnowledgeBase
 
 
@@ -218,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         args.func(args)
-    except KBError as e:
+    except Exception as e:  # a refusal from either import name of the pack (kb_tools.errors)
+        if not is_kb_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

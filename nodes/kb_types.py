@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..kb_tools.errors import KBError
 from ..kb_tools.storage.disk_format import MANIFEST
+from ..kb_tools.storage.paths import kb_folder
 
 KB_FOLDER = "redi_kb"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -30,7 +31,8 @@ def list_kbs() -> list[str]:
     names = set()
     for root in kb_roots():
         if os.path.isdir(root):
-            names.update(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, MANIFEST)))
+            names.update(d for d in os.listdir(root) if not os.path.islink(os.path.join(root, d))
+                         and os.path.isfile(os.path.join(root, d, MANIFEST)))
     return sorted(names)
 
 
@@ -45,8 +47,8 @@ def kb_path_for_read(name: str) -> str:
     name = check_name(name)
     for root in kb_roots():
         p = os.path.join(root, name)
-        if os.path.isfile(os.path.join(p, MANIFEST)):
-            return p
+        if os.path.lexists(p) and os.path.isfile(os.path.join(p, MANIFEST)):
+            return kb_folder(root, name)  # refuses a linked folder, or one that resolves outside the root
     raise KBError(f"no knowledge base named {name!r} in models/redi_kb; build it with the ReDi KB Builder node first "
                   "(template 2 of this pack builds demo_shapes_kb), then press R so that the KB Loader lists it")
 
@@ -55,9 +57,9 @@ def kb_path_for_write(name: str) -> str:
     name = check_name(name)
     for root in kb_roots():
         p = os.path.join(root, name)
-        if os.path.isdir(p):
-            return p
-    return os.path.join(kb_roots()[0], name)
+        if os.path.lexists(p):
+            return kb_folder(root, name)
+    return kb_folder(kb_roots()[0], name)
 
 
 def report(lines: list[str]) -> dict:

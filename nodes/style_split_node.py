@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import comfy.model_management
 from comfy_api.latest import io
 
 from ..redi_core.style_split import compile_patterns, split_prompt
 from . import kb_types
+
+
+def _interrupted() -> bool:
+    """ComfyUI's /interrupt, asked between pattern searches: raises its interrupt exception
+    (the executor then stops the run as interrupted)."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
 
 
 def _encode(clip, text: str):
@@ -39,7 +47,8 @@ class ReDiStyleSplit(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompt, separator, extra_patterns="") -> io.NodeOutput:
-        res = split_prompt(prompt, separator, compile_patterns(extra_patterns))
+        # the user patterns get NODE_BUDGET_S in total; a refusal raises and is shown on the node
+        res = split_prompt(prompt, separator, compile_patterns(extra_patterns), should_stop=_interrupted)
         full = res.full
         content_cond = _encode(clip, res.content)
         full_cond = _encode(clip, full) if res.style else content_cond

@@ -11,6 +11,8 @@ worst case for odd input is "no style found", never an exception.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import regex
@@ -73,18 +75,46 @@ def _segments(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def _segment_style(seg: str, patterns: list[tuple[str, UserPattern]]) -> str | None:
+def _segment_style(seg: str, patterns: list[tuple[str, UserPattern]], budget: Budget | None = None) -> str | None:
     """The name of the rule that makes a whole segment a style, or None."""
     m = _WEIGHTED.match(seg)
     inner = m.group("inner").strip() if m else seg
-    for name, pat in patterns + _STYLE_SEGMENT:
-        if inner and pat.search(inner):
+    for name, pat in patterns:
+        if inner and pat.search(inner, budget):
+            return f"({name})" if m else name
+    for name, builtin in _STYLE_SEGMENT:
+        if inner and builtin.search(inner):
             return f"({name})" if m else name
     return None
 
 
-# a user regex may backtrack catastrophically ("(a+)+$"): each search gets this many seconds
+# a user regex may backtrack catastrophically ("(a+)+$"): each search gets at most this many
+# seconds, and all user-pattern searches of one split together at most NODE_BUDGET_S
 USER_PATTERN_TIMEOUT = 0.25
+NODE_BUDGET_S = 2.0
+
+
+class Budget:
+    """The time all user-pattern searches of one split may take together, and a `should_stop`
+    callable (ComfyUI's interrupt) asked before every search: it may raise to stop, or return
+    True, which stops the split with a ValueError."""
+
+    def __init__(self, seconds: float = NODE_BUDGET_S, should_stop: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.should_stop, self.clock = seconds, should_stop, clock
+        self.deadline = clock() + seconds
+
+    def remaining(self, source: str) -> float:
+        """Seconds left for the next search of pattern `source`; ValueError when none are."""
+        if self.should_stop is not None and self.should_stop():
+            raise ValueError("style split stopped: the run was interrupted")
+        left = self.deadline - self.clock()
+        if left <= 0:
+            raise ValueError(
+                f"style patterns took more than {self.seconds:g} s in total on this prompt (the last one tried: {source!r}); "
+                "the split was refused. Simplify the patterns (e.g. 'a+' instead of '(a+)+'), use fewer, or shorten the prompt"
+            )
+        return left
 
 
 class UserPattern:
@@ -98,10 +128,13 @@ class UserPattern:
         except (regex.error, ValueError, OverflowError) as e:
             raise ValueError(f"style pattern {source!r} is not a valid regular expression ({e}); fix or remove it") from e
 
-    def search(self, text: str):
+    def search(self, text: str, budget: Budget | None = None):
+        timeout = USER_PATTERN_TIMEOUT if budget is None else min(USER_PATTERN_TIMEOUT, budget.remaining(self.source))
         try:
-            return self.pattern.search(text, timeout=USER_PATTERN_TIMEOUT)
+            return self.pattern.search(text, timeout=timeout)
         except TimeoutError as e:
+            if budget is not None and timeout < USER_PATTERN_TIMEOUT:
+                budget.remaining(self.source)  # the total budget ran out during this search: say so
             raise ValueError(
                 f"style pattern {self.source!r} took more than {USER_PATTERN_TIMEOUT} s on {text[:60]!r} (nested repetition such as "
                 "'(a+)+' backtracks exponentially); simplify it, e.g. 'a+' instead of '(a+)+'"
@@ -113,10 +146,14 @@ def compile_patterns(text: str) -> list[tuple[str, UserPattern]]:
     return [(f"user: {line.strip()}", UserPattern(line.strip())) for line in (text or "").splitlines() if line.strip()]
 
 
-def split_prompt(prompt: str, separator: str = "", patterns: list[tuple[str, UserPattern]] | None = None) -> StyleSplit:
-    """Split `prompt` into content and style. `separator` (e.g. "|") splits explicitly."""
+def split_prompt(prompt: str, separator: str = "", patterns: list[tuple[str, UserPattern]] | None = None,
+                 budget_s: float = NODE_BUDGET_S, should_stop: Callable[[], bool] | None = None) -> StyleSplit:
+    """Split `prompt` into content and style. `separator` (e.g. "|") splits explicitly.
+    User patterns' searches together get `budget_s` seconds, and `should_stop` (ComfyUI's
+    interrupt) is asked before each; past either, ValueError with the reason."""
     text = (prompt or "").replace("\n", " ").strip()
     patterns = patterns or []
+    budget = Budget(budget_s, should_stop)
     if separator and separator in text:
         content, style = text.split(separator, 1)
         return StyleSplit(_tidy(content), _tidy(style.replace(separator, ", ")), ["separator"])
@@ -125,7 +162,7 @@ def split_prompt(prompt: str, separator: str = "", patterns: list[tuple[str, Use
         return StyleSplit(_tidy(first), _tidy(re.sub(r"\bBREAK\b", ",", rest)), ["BREAK"])
     content_parts, style_parts, matched = [], [], []
     for seg in _segments(text):
-        rule = _segment_style(seg, patterns)
+        rule = _segment_style(seg, patterns, budget)
         if rule:
             style_parts.append(seg)
             matched.append(rule)

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..errors import KBError
+from ..storage import commit_log as kb_log
 from ..storage import disk_format as kb_format
 from ..storage.disk_format import Entry, Fingerprint
 from ..storage.validate import validate_kb
@@ -35,7 +36,7 @@ def unit_id(unit: Unit) -> str:
 
 
 def listed_files(kb_dir: Path) -> set[str]:
-    return set(kb_format.listed_files(Path(kb_dir)))
+    return set(kb_log.listed_files(Path(kb_dir)))
 
 
 def first_files() -> list[str]:
@@ -46,7 +47,7 @@ def first_files() -> list[str]:
 def rest_files(unit_dir: Path) -> list[str]:
     """The other files a downloaded unit's manifest and log list (plain names only)."""
     try:
-        names = [n for n in kb_format.listed_files(Path(unit_dir)) if n not in first_files()]
+        names = [n for n in kb_log.listed_files(Path(unit_dir)) if n not in first_files()]
     except (KBError, OSError, ValueError) as e:
         raise KBError(f"the unit's manifest or log is not valid ({e})") from e
     bad = [n for n in names if not isinstance(n, str) or not PLAIN_NAME.match(n)]
@@ -76,7 +77,7 @@ def open_target(out: Path, fp: Fingerprint, dtype: str) -> None:
                       "choose another --out or the same --seed")
     if header.dtype != dtype:
         raise KBError(f"{out} stores {header.dtype}, the workers build {dtype}; choose another --out")
-    if kb_format.read_state(out, header).count and not units_held(out):
+    if kb_log.read_state(out, header).count and not units_held(out):
         raise KBError(f"{out} holds entries that were not built as units of a distributed build; choose another --out")
 
 
@@ -86,7 +87,7 @@ def read_fingerprint(out: Path) -> Fingerprint:
 
 def units_held(out: Path) -> dict[int, dict]:
     held: dict[int, dict] = {}
-    for uid in kb_format.read_units(Path(out)):
+    for uid in kb_log.read_units(Path(out)):
         m = UNIT_ID_RE.match(uid)
         if not m:
             raise KBError(f"{out} holds a unit {uid!r} that this build did not make; choose another --out")
@@ -100,4 +101,4 @@ def add_unit(out: Path, unit_dir: Path, unit: Unit) -> bool:
 
 
 def finalize(out: Path) -> int:
-    return kb_format.read_state(Path(out)).count
+    return kb_log.read_state(Path(out)).count

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.disk_format import Entry, Fingerprint, listed_files
+from ..storage.commit_log import listed_files
+from ..storage.disk_format import Entry, Fingerprint
 from ..storage.writer import append_batch, create_kb, default_shard_rows
 
 RANK, CLUSTERS, NOISE = 16, 256, 0.15
@@ -144,7 +145,7 @@ def run(args) -> None:
         write_s = write_kb(path, shape, steps, args.entries, args.batch, args.dtype)
         size = sum((path / f).stat().st_size for f in listed_files(path))
         res = subprocess.run([sys.executable, "-m", "kb_tools", "bench-scale", "--probe", str(path), "--queries", str(args.queries)],
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])  # the repository root
         if res.returncode:
             raise SystemExit(f"probe failed:\n{res.stderr[-2000:]}")
         p = json.loads(res.stdout.strip().splitlines()[-1])

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import KBError
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, fsync it, then rename it over `path`."""
@@ -18,8 +20,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise KBError(f"could not write {path.name} in {path.parent} ({e.strerror or e}); check the disk space, the folder's "
+                      "permissions, and that nothing but a regular file has that name") from e
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp) and not os.path.isdir(tmp):
             tmp.unlink()
 
 

@@ -59,7 +59,6 @@ KEY_RE = re.compile(r"^(latent|denoised)_[0-9]{1,4}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_LOG_LINE_BYTES = 1 << 20
 MAX_LATENT_ELEMENTS = 16 * 512 * 512  # a 4096x4096 image with 16 latent channels
 MAX_SHARD_ROWS = 65536
 MAX_ABS_VALUE = 1.0e4  # latents and denoised estimates of real models stay far below
@@ -330,7 +329,7 @@ def read_header(kb_dir: Path) -> Header:
     path = safe_file(kb_dir, MANIFEST)
     try:
         data = json.loads(_read_bounded(path, MAX_MANIFEST_BYTES, "manifest"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, huge integers
         raise KBError(f"{path} is not valid JSON ({e}); the KB is corrupt, rebuild it") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise KBError(f"{path} is not a ReDi KB manifest (format field is {data.get('format') if isinstance(data, dict) else None!r:.40})")
@@ -350,166 +349,3 @@ def read_header(kb_dir: Path) -> Header:
 
 def write_header(kb_dir: Path, header: Header) -> None:
     write_json_atomic(Path(kb_dir) / MANIFEST, header.to_json())
-
-
-# ---- the commit log -------------------------------------------------------------------------
-
-def line_sha(obj: dict[str, Any]) -> str:
-    body = {k: v for k, v in obj.items() if k != "sha"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def encode_line(obj: dict[str, Any]) -> bytes:
-    obj = dict(obj)
-    obj["sha"] = line_sha(obj)
-    data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    if len(data) > MAX_LOG_LINE_BYTES:
-        raise KBError(f"a log line of {len(data)} bytes exceeds the limit {MAX_LOG_LINE_BYTES}; append fewer shards per step")
-    return data
-
-
-def _line_problems(obj: Any, header: Header, prev: State) -> list[str]:
-    if not isinstance(obj, dict):
-        return ["a log line must be a JSON object"]
-    p = []
-    for name in ("seq", "count", "nshards"):
-        if not _is_int(obj.get(name)) or obj[name] < 0:
-            p.append(f"{name} must be a non-negative integer, not {obj.get(name)!r:.40}")
-    for name in ("sha", "prev", "chain"):
-        v = obj.get(name)
-        if not (isinstance(v, str) and (SHA_RE.match(v) or (v == "" and name != "sha"))):
-            p.append(f"{name} must be a sha256 hex string, not {v!r:.40}")
-    if obj.get("op") not in ("add", "index"):
-        p.append(f"op must be 'add' or 'index', not {obj.get('op')!r:.40}")
-    if p:
-        return p
-    if obj["seq"] != prev.seq + 1 or obj["prev"] != prev.last_sha:
-        p.append(f"line {obj['seq']} does not follow line {prev.seq} (lines were removed, reordered or edited)")
-    if line_sha(obj) != obj["sha"]:
-        p.append(f"line {obj['seq']} does not match its checksum (edited or damaged)")
-    unit = obj.get("unit")
-    if unit is not None and not (isinstance(unit, str) and 0 < len(unit) <= 256):
-        p.append(f"unit must be null or a string of 1..256 characters, not {unit!r:.40}")
-    shards = obj.get("shards", [])
-    keys = obj.get("keys", {})
-    indexes = obj.get("indexes", {})
-    if not isinstance(shards, list) or not isinstance(keys, dict) or not isinstance(indexes, dict):
-        return p + ["shards must be a list, keys and indexes objects"]
-    count, nshards = prev.count, prev.nshards
-    for rec in shards:
-        if not isinstance(rec, dict) or set(rec) != {"file", "count", "first", "sha256", "head_sha"}:
-            p.append(f"a shard record must have exactly file, count, first, sha256, head_sha: {str(rec)[:80]}")
-            continue
-        if not (isinstance(rec["file"], str) and SHARD_RE.match(rec["file"])):
-            p.append(f"shard file {rec['file']!r:.80} is not a plain shard name like shard_000000.safetensors")
-        if not _is_int(rec["count"]) or not 1 <= rec["count"] <= header.shard_rows:
-            p.append(f"shard count {rec['count']!r:.40} must be an integer in 1..{header.shard_rows}")
-        elif rec["first"] != count:
-            p.append(f"shard {rec['file']!r:.80} starts at row {rec['first']!r:.40}, expected {count}")
-        else:
-            count += rec["count"]
-        nshards += 1
-        for h in ("sha256", "head_sha"):
-            if not (isinstance(rec[h], str) and SHA_RE.match(rec[h])):
-                p.append(f"shard {h} must be a sha256 hex string")
-    if obj["count"] != count or obj["nshards"] != nshards:
-        p.append(f"line {obj['seq']} claims {obj['count']} entries in {obj['nshards']} shards, its records add up to {count} in {nshards}")
-    for k, v in keys.items():
-        if not (isinstance(k, str) and KEY_RE.match(k)) or not (isinstance(v, str) and SHA_RE.match(v)):
-            p.append(f"reduced-key chunk {k!r:.40}: {v!r:.40} is not a key name with a sha256")
-    for k, v in indexes.items():
-        if not isinstance(v, dict) or set(v) != {"file", "rows", "sha256"} or not (isinstance(v["file"], str) and IVF_RE.match(v["file"])) \
-                or not _is_int(v["rows"]) or not 0 < v["rows"] <= obj["count"] or not (isinstance(v["sha256"], str) and SHA_RE.match(v["sha256"])):
-            p.append(f"index record {k!r:.40} is invalid: {str(v)[:100]}")
-    return p
-
-
-def _apply_line(st: State, obj: dict[str, Any], keep_shards: bool) -> None:
-    if keep_shards:
-        st.shards.extend(ShardRec(**r) for r in obj.get("shards", []))
-        for k, sha in obj.get("keys", {}).items():
-            st.key_chunks.setdefault(k, []).append((obj["count"], sha))
-    if obj.get("unit") is not None:
-        st.units.add(obj["unit"])
-    st.count, st.nshards, st.chain = obj["count"], obj["nshards"], obj["chain"]
-    st.seq, st.last_sha = obj["seq"], obj["sha"]
-    st.indexes = {k: IndexRec(**v) for k, v in obj.get("indexes", {}).items()}
-
-
-def read_state(kb_dir: Path, header: Header | None = None) -> State:
-    """The whole committed log (shards, units, chunk checksums), validated line by line."""
-    kb_dir = _check_dir(kb_dir)
-    header = header or read_header(kb_dir)
-    st = State(header)
-    if not os.path.lexists(kb_dir / LOG):
-        return st
-    path = safe_file(kb_dir, LOG)
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1  # a trailing line without its newline was never committed
-    pos = 0
-    while pos < end:
-        nl = data.index(b"\n", pos)
-        raw = data[pos:nl]
-        if len(raw) > MAX_LOG_LINE_BYTES:
-            raise KBError(f"{LOG} of KB {kb_dir.name}: line {st.seq + 1} is longer than {MAX_LOG_LINE_BYTES} bytes; the KB is corrupt or hostile")
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KBError(f"{LOG} of KB {kb_dir.name}: line {st.seq + 1} is not JSON ({e}); the KB is corrupt, rebuild it") from e
-        problems = _line_problems(obj, header, st)
-        if problems:
-            raise KBError(f"{LOG} of KB {kb_dir.name}, line {st.seq + 1}, is invalid:\n- " + "\n- ".join(problems))
-        _apply_line(st, obj, keep_shards=True)
-        pos = nl + 1
-    st.log_bytes = end
-    return st
-
-
-def read_tail_state(kb_dir: Path, header: Header) -> State:
-    """Only the cumulative state of the last committed line (a writer's view: O(1) in the KB size)."""
-    path = safe_file(kb_dir, LOG, must_exist=False)
-    st = State(header)
-    if not path.exists():
-        return st
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        buf, pos = b"", size
-        while pos > 0 and buf.count(b"\n") < 2:
-            step = min(1 << 16, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
-            if len(buf) > 2 * MAX_LOG_LINE_BYTES + (1 << 16):
-                raise KBError(f"{LOG} of KB {Path(kb_dir).name} has a line over {MAX_LOG_LINE_BYTES} bytes; the KB is corrupt")
-    end = buf.rfind(b"\n")
-    if end < 0:
-        return st
-    start = buf.rfind(b"\n", 0, end) + 1
-    obj = json.loads(buf[start:end])
-    if not isinstance(obj, dict) or line_sha(obj) != obj.get("sha"):
-        raise KBError(f"the last line of {LOG} in KB {Path(kb_dir).name} does not match its checksum; run `python -m kb_tools validate`")
-    _apply_line(st, obj, keep_shards=False)
-    st.log_bytes = pos + end + 1
-    return st
-
-
-def read_units(kb_dir: Path) -> frozenset[str]:
-    """Unit ids already committed to the KB (an empty set when it does not exist yet)."""
-    if not os.path.lexists(Path(kb_dir) / MANIFEST):
-        return frozenset()
-    return frozenset(read_state(kb_dir).units)
-
-
-def listed_files(kb_dir: Path) -> list[str]:
-    """Exactly the files that make up the KB now (what a read-only file route may serve)."""
-    st = read_state(kb_dir)
-    files = [MANIFEST]
-    if st.seq >= 0:
-        files.append(LOG)
-    files += [s.file for s in st.shards]
-    for k in sorted(st.key_chunks):
-        space, step = k.rsplit("_", 1)
-        files.append(rkeys_file(space, int(step)))
-    files += sorted(r.file for r in st.indexes.values())
-    return files

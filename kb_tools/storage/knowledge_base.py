@@ -8,6 +8,7 @@ candidates and neighbours of a query, each row checked against its checksum.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..errors import KBError
 from . import index as kb_index
+from .commit_log import read_state
 from .disk_format import (
     IVF_RE,
     KEY_SPACES,
@@ -23,12 +25,12 @@ from .disk_format import (
     State,
     key_name,
     read_header,
-    read_state,
     safe_file,
-    sha256_file,
 )
 from .reduced_keys import read_reduced_keys
 from .shard import ShardCache, check_values
+
+IVF_RETRIES = 3  # a reader's tries on newer IVF files while commits remove older ones
 
 
 class _Entries(Sequence):
@@ -170,18 +172,53 @@ class KnowledgeBase:
             keys = self.reduced_keys(space, step)
             rec = self.state.indexes.get(key_name(space, step))
             if rec is not None and kb_index.wants_ivf(len(keys), keys.shape[1]):
-                path = safe_file(self.path, rec.file, IVF_RE)
-                if sha256_file(path) != rec.sha256:
-                    raise KBError(f"{rec.file} does not match its checksum in the log (damaged or swapped); rebuild the KB")
-                centroids, lists = kb_index.load_ivf(path, rec.rows, keys.shape[1])
+                centroids, lists = self._ivf(key_name(space, step), keys.shape[1])
                 idx = kb_index.ivf_index(centroids, self.nprobe)
                 kb_index.add_preassigned(idx, keys, lists[: len(keys)])
             else:
                 idx = kb_index.flat_index(keys)
             if not self._indexes:
                 self._parse_shards()  # once per opened KB, with its first index
+            self._check_first_rows(space, step, keys)
             self._indexes[key] = idx
         return self._indexes[key]
+
+    def _ivf(self, key: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF file of `key` that this KB's state lists, or, when a concurrent commit has
+        since removed it (writers keep KEEP_IVF_GENERATIONS), the newest one: a later IVF file
+        holds a list number for every key this state holds, in the same order (its reduced
+        keys only grow, checked on their chunk checksums), so its lists cover ours."""
+        rec = self.state.indexes[key]
+        for attempt in range(IVF_RETRIES + 1):
+            path = safe_file(self.path, rec.file, IVF_RE, must_exist=False)
+            try:
+                return kb_index.load_ivf(path, rec.rows, dims, rec.sha256)
+            except KBError:
+                if os.path.lexists(path) or attempt == IVF_RETRIES:
+                    if not os.path.lexists(path):
+                        raise KBError(f"{rec.file} was removed by commits to KB {self.name} while it was being read "
+                                      f"({IVF_RETRIES + 1} tries); run the query again") from None
+                    raise
+            newer = read_state(self.path, self.header)
+            mine, theirs = self.state.key_chunks.get(key, []), newer.key_chunks.get(key, [])
+            if theirs[: len(mine)] != mine or key not in newer.indexes or newer.indexes[key].rows < self.state.count:
+                raise KBError(f"KB {self.name} was replaced by a different KB while open; run the graph again (it is reopened)")
+            rec = newer.indexes[key]
+        raise AssertionError("unreachable")
+
+    def _check_first_rows(self, space: str, step: int, keys: np.ndarray) -> None:
+        """The first row of every shard must give its reduced key in the rkeys file: one row per
+        shard (4,096 entries) catches a shard swapped in from another KB even when the log was
+        re-signed to match it (validate compares every row)."""
+        tensor = ("x" if space == "latent" else "d") + f".{step}"
+        for rec in self.state.shards:
+            if rec.first >= self._count:
+                break
+            row = self._rows(tensor, [rec.first])
+            red = kb_index.reduce_keys(row, self.fingerprint.latent_shape, self.header.pool)
+            if not np.allclose(red[0], keys[rec.first], rtol=1e-5, atol=1e-5):
+                raise KBError(f"{rec.file} does not hold the entries its reduced keys ({key_name(space, step)}) were made from: "
+                              f"the shard was swapped or the log re-signed; run `python -m kb_tools validate` and re-copy or rebuild KB {self.name}")
 
     def _parse_shards(self) -> None:
         """Check every shard's header and row checksums against the log once (about 100 KB per
@@ -191,12 +228,20 @@ class KnowledgeBase:
                 break
             self._shards.get(rec, keep_open=False)
 
+    def _query_rows(self, queries: np.ndarray) -> np.ndarray:
+        """Query latents as rows of the KB's latent size (KBError for another size)."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        if q.shape[1] != int(np.prod(self.fingerprint.latent_shape)):
+            raise KBError(f"the query latent has {q.shape[1]} values per item, KB {self.name} stores latents of shape "
+                          f"{list(self.fingerprint.latent_shape)}; use a KB built at this resolution and model")
+        return q
+
     def search(self, space: str, step: int, queries: np.ndarray, n: int, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The `n` nearest entries of each query by exact L2 on full keys: (distances, ids), B x n.
 
         Candidates come from the reduced-key index (`rerank` of them, default self.rerank);
         their full keys are read from the shards and ranked exactly."""
-        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        q = self._query_rows(queries)
         check_values(q, "the query latent")
         n = max(1, min(int(n), self._count))
         cand_n = max(n, int(rerank if rerank is not None else self.rerank))
@@ -221,7 +266,7 @@ class KnowledgeBase:
 
     def exact_search(self, space: str, step: int, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over every full key (reads them all): the reference for recall checks."""
-        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        q = self._query_rows(queries)
         best_d = np.full((len(q), 0), np.inf)
         best_i = np.zeros((len(q), 0), dtype=np.int64)
         for rec in self.state.shards:

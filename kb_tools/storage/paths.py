@@ -29,3 +29,17 @@ def read_text_lines(path: str, name: str) -> list[str]:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
         raise KBError(f"{name!r} is not UTF-8 text ({e.reason}); save it as UTF-8") from e
+
+
+def kb_folder(root: str, name: str) -> str:
+    """`root/name` when it is not a symbolic link and resolves to a folder inside `root` (or
+    does not exist yet); KBError otherwise. A KB folder that links elsewhere would let a KB
+    (or a shared models folder) make the server read or write outside its KB folder."""
+    path = os.path.join(root, name)
+    if os.path.islink(path):
+        raise KBError(f"KB folder {name!r} in {root} is a symbolic link (to {os.readlink(path)!r:.120}); a KB must be a real "
+                      f"folder inside {root}: move or copy the KB there instead of linking it")
+    real_root = os.path.realpath(root)
+    if os.path.lexists(path) and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise KBError(f"KB folder {name!r} resolves outside {root}; move or copy the KB into {root}")
+    return path

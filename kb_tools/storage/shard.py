@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import zlib
 from collections import OrderedDict
@@ -61,6 +62,20 @@ def check_values(arr: np.ndarray, what: str) -> None:
         raise KBError(f"{what} holds values up to {peak:.3g}, beyond the {MAX_ABS_VALUE:g} a latent may have; the data is corrupt or hostile")
 
 
+def check_batch(header: Header, x: dict[int, np.ndarray], d: dict[int, np.ndarray], n: int) -> None:
+    """Refuse a batch of `n` trajectories that does not fit the KB (a step missing, a shape, a
+    value), before anything of it is written."""
+    fp = header.fingerprint
+    for s in fp.stored_steps:
+        for key, src in (("x", x), ("d", d)):
+            if s not in src:
+                raise KBError(f"the batch has no {key}.{s} (the KB stores steps {list(fp.stored_steps)})")
+            arr = np.asarray(src[s])
+            if arr.shape != (n, *fp.latent_shape):
+                raise KBError(f"{key}.{s} has shape {arr.shape}, expected {(n, *fp.latent_shape)} (the KB's latent shape)")
+            check_values(arr, f"the trajectories at step {s}")
+
+
 def write_shard(kb_dir: Path, name: str, header: Header, x: dict[int, np.ndarray], d: dict[int, np.ndarray],
                 entries: list[Entry]) -> ShardRec:
     """Write rows [0, len(entries)) of x/d as shard `name`; returns its record (first=-1, set by the caller)."""
@@ -68,12 +83,10 @@ def write_shard(kb_dir: Path, name: str, header: Header, x: dict[int, np.ndarray
     n = len(entries)
     st_dtype = _ST_DTYPES[header.dtype][1]
     tensors: dict[str, np.ndarray] = {}
+    check_batch(header, x, d, n)
     for s in fp.stored_steps:
         for key, src in (("x", x), ("d", d)):
             arr = np.asarray(src[s])
-            if arr.shape != (n, *fp.latent_shape):
-                raise KBError(f"{key}.{s} has shape {arr.shape}, expected {(n, *fp.latent_shape)}")
-            check_values(arr, f"the trajectories at step {s}")
             stored = np.ascontiguousarray(arr, dtype=st_dtype)
             tensors[f"{key}.{s}"] = stored
             tensors[f"crc.{key}.{s}"] = row_crcs(stored)
@@ -98,6 +111,8 @@ class ShardFile:
         except OSError as e:
             raise KBError(f"{self.name} cannot be opened ({e.strerror}); re-copy or rebuild the KB") from e
         try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise self._bad("it is not a regular file")
             self._parse(header, check_head)
             st = os.fstat(self.fd)
             self._ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -134,7 +149,7 @@ class ShardFile:
         head = os.pread(self.fd, n, 8)
         try:
             meta = json.loads(head)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSON, UTF-8, huge integers
             raise self._bad(f"its header is not JSON ({e})") from e
         if not isinstance(meta, dict):
             raise self._bad("its header is not a JSON object")
@@ -206,7 +221,7 @@ class ShardFile:
         try:
             e = json.loads(raw)
             assert isinstance(e, dict) and isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e["pos"]) is int
-        except (KeyError, TypeError, ValueError, AssertionError, UnicodeDecodeError) as err:
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as err:
             raise self._bad(f"entry {i} is not an object with prompt, seed and pos") from err
         return Entry(e["prompt"], e["seed"], e["pos"])
 
@@ -245,7 +260,7 @@ class ShardFile:
             assert isinstance(ents, list) and len(ents) == count
             assert all(isinstance(e["prompt"], str) and type(e["seed"]) is int and type(e.get("pos", -1)) is int for e in ents)
             return [Entry(e["prompt"], e["seed"], e.get("pos", -1)) for e in ents]
-        except (KeyError, TypeError, ValueError, AssertionError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError, AssertionError, RecursionError) as e:
             raise self._bad(f"its entry metadata is malformed (need {count} entries with prompt, seed, pos)") from e
 
     def drop_entries(self) -> None:

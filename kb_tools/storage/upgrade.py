@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..errors import KBError
 from . import writer as kb_writer
+from .commit_log import read_tail_state
 from .disk_format import MANIFEST, MAX_MANIFEST_BYTES, Entry, Fingerprint, State, safe_file, sha256_file
 
 V1_SHARD_RE = re.compile(r"^shard_[0-9]{5}\.safetensors$")
@@ -66,4 +67,4 @@ def upgrade(old: Path, new: Path, dtype: str = "float32") -> State:
         kb_writer.append_batch(new, {s: np.asarray(v, np.float32) for s, v in x.items()},
                                {s: np.asarray(v, np.float32) for s, v in d.items()}, entries)
         pos += n
-    return kb_writer.read_tail_state(new, kb_writer.read_header(new))
+    return read_tail_state(new, kb_writer.read_header(new))

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import KBError
 from . import index as kb_index
+from .commit_log import encode_line, read_state, read_tail_state
 from .compat import incompatible
 from .disk_format import (
     DEFAULT_SHARD_BYTES,
@@ -39,28 +40,37 @@ from .disk_format import (
     IndexRec,
     State,
     chain_step,
-    encode_line,
     key_list,
     key_name,
     read_header,
-    read_state,
-    read_tail_state,
     rkeys_file,
     safe_file,
     sha256_file,
     write_header,
 )
-from .shard import ShardFile, write_shard
+from .reduced_keys import read_reduced_keys
+from .shard import ShardFile, check_batch, write_shard
+from .structure import TEMP_RE, structure_problems
 
 Batch = tuple[dict[int, np.ndarray], dict[int, np.ndarray], list[Entry]]
+
+
+# IVF files kept per key besides the current one: a reader that opened the KB a few commits
+# ago may still load its generation (and retries on the newest one when even that is gone)
+KEEP_IVF_GENERATIONS = 8
 
 
 @contextmanager
 def kb_lock(kb_dir: Path) -> Iterator[None]:
     """The KB's writer lock (blocks until no other writer holds it)."""
     kb_dir = Path(kb_dir)
-    kb_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(kb_dir / LOCK, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(kb_dir / LOCK, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        kind = "a symbolic link" if os.path.islink(kb_dir / LOCK) else "a folder" if os.path.isdir(kb_dir / LOCK) else "unusable"
+        raise KBError(f"cannot take the writer lock {kb_dir.name}/{LOCK}: it is {kind} ({e.strerror}); it must be a regular "
+                      "file (or absent): remove it, then append again") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -111,35 +121,98 @@ def _split(x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Ent
         yield ({s: v[a : a + rows] for s, v in x.items()}, {s: v[a : a + rows] for s, v in d.items()}, entries[a : a + rows])
 
 
+def writable_state(kb_dir: Path, header: Header) -> State:
+    """The committed state a writer continues from, after the checks `validate` makes that
+    cost no more than the log and a folder listing (the whole log, line by line, and
+    `structure_problems`); KBError, before any byte is written, for a KB that fails them."""
+    tail = read_tail_state(kb_dir, header)
+    problems = structure_problems(kb_dir, tail)
+    if not problems:
+        problems = _last_commit_problems(kb_dir, tail)
+    if problems:
+        raise KBError(f"KB {Path(kb_dir).name} is damaged; nothing was written to it. Run `python -m kb_tools validate` on it, "
+                      "re-copy or rebuild it, or write to a new KB name:\n- " + "\n- ".join(problems[:10]))
+    return tail
+
+
+def _last_commit_problems(kb_dir: Path, tail: State) -> list[str]:
+    """The last commit's files against the log (one shard header, one chunk of reduced keys per
+    key): a manifest edited after the build (another latent shape, pool or dtype) or a swapped
+    file shows here, before the writer continues the files with the wrong sizes."""
+    problems = []
+    if tail.shards:
+        rec = tail.shards[-1]
+        try:
+            ShardFile(safe_file(kb_dir, rec.file, SHARD_RE), rec, tail.header).close()
+        except KBError as e:
+            problems.append(str(e))
+    dims = tail.header.key_dims
+    for k, chunks in tail.key_chunks.items():
+        start = chunks[-2][0] if len(chunks) > 1 else 0
+        rows, sha = chunks[-1]
+        space, step = k.rsplit("_", 1)  # a key name the log checked
+        with open(safe_file(kb_dir, rkeys_file(space, int(step)), RKEYS_RE), "rb") as f:
+            f.seek(start * dims * 4)
+            raw = f.read((rows - start) * dims * 4)
+        if hashlib.sha256(raw).hexdigest() != sha:
+            problems.append(f"{rkeys_file(space, int(step))} rows {start}..{rows - 1} do not match their checksum in the log "
+                            "(damaged, swapped, or the manifest was changed)")
+    return problems
+
+
 def remove_orphans(kb_dir: Path) -> None:
     """Files a killed writer left behind (shards it never committed, temp files)."""
     kb_dir = Path(kb_dir)
     with kb_lock(kb_dir):
-        tail = read_tail_state(kb_dir, read_header(kb_dir))
+        tail = writable_state(kb_dir, read_header(kb_dir))
         for f in kb_dir.iterdir():
-            if f.name.endswith(".tmp") and f.name.startswith("."):
-                f.unlink()
-            elif SHARD_RE.match(f.name) and int(f.name[6:12]) >= tail.nshards and not f.is_symlink():
+            if not f.is_file() or f.is_symlink():
+                continue  # writable_state refused any link or folder under a name the writer uses
+            if TEMP_RE.match(f.name) or (SHARD_RE.match(f.name) and int(f.name[6:12]) >= tail.nshards):
                 f.unlink()
 
 
-def _update_ivf(kb_dir: Path, header: Header, tail: State, key: str, new_keys: np.ndarray, count: int) -> IndexRec | None:
+def _load_old_ivf(kb_dir: Path, header: Header, tail: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The committed IVF files (centroids, lists), checked before the commit writes anything."""
+    out = {}
+    for key, rec in tail.indexes.items():
+        out[key] = kb_index.load_ivf(safe_file(kb_dir, rec.file, IVF_RE), rec.rows, header.key_dims, rec.sha256)
+    return out
+
+
+def _retrain_keys(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tuple[np.ndarray, np.ndarray]],
+                  count: int) -> dict[str, np.ndarray]:
+    """The committed reduced keys (checked on their chunk checksums) of every key whose IVF
+    centroids a commit reaching `count` entries will train, read before the commit writes
+    anything: damage there refuses the append with no byte changed."""
+    out = {}
+    dims = header.key_dims
+    for space, step in key_list(header.fingerprint):
+        k = key_name(space, step)
+        old = old_ivf.get(k)
+        if kb_index.wants_ivf(count, dims) and (old is None or kb_index.nlist_for(count) >= kb_index.RETRAIN_GROWTH * len(old[0])):
+            out[k] = read_reduced_keys(kb_dir, tail, space, step, tail.count) if tail.count else np.empty((0, dims), np.float32)
+    return out
+
+
+def _update_ivf(kb_dir: Path, header: Header, tail: State, old_ivf: dict[str, tuple[np.ndarray, np.ndarray]], key: str,
+                new_keys: np.ndarray, count: int, committed_keys: dict[str, np.ndarray]) -> IndexRec | None:
     """The IVF list file after this commit (None while the KB is small enough for flat search)."""
     dims = header.key_dims
     if not kb_index.wants_ivf(count, dims):
         return None
-    old = tail.indexes.get(key)
+    old = old_ivf.get(key)
     centroids = lists = None
     if old is not None:
-        path = safe_file(kb_dir, old.file, IVF_RE)
-        if sha256_file(path) != old.sha256:
-            raise KBError(f"{old.file} does not match its checksum; run `python -m kb_tools validate` and rebuild the KB")
-        centroids, lists = kb_index.load_ivf(path, old.rows, dims)
+        centroids, lists = old
         if kb_index.nlist_for(count) >= kb_index.RETRAIN_GROWTH * len(centroids):
             centroids = lists = None
     if centroids is None:
-        space, step = key.rsplit("_", 1)
-        all_keys = _read_rkeys(kb_dir, rkeys_file(space, int(step)), count, dims)
+        committed = committed_keys.get(key)
+        if committed is None:  # a commit of another size than announced
+            space, step = key.rsplit("_", 1)
+            committed = read_reduced_keys(kb_dir, tail, space, int(step), tail.count) if tail.count else np.empty((0, dims), np.float32)
+        all_keys = np.concatenate([committed, new_keys])
         centroids = kb_index.train_centroids(all_keys)
         lists = kb_index.assign(centroids, all_keys)
     else:
@@ -149,34 +222,35 @@ def _update_ivf(kb_dir: Path, header: Header, tail: State, key: str, new_keys: n
     return IndexRec(name, count, sha256_file(kb_dir / name))
 
 
-def _read_rkeys(kb_dir: Path, name: str, rows: int, dims: int) -> np.ndarray:
-    path = safe_file(kb_dir, name, RKEYS_RE)
-    with open(path, "rb") as f:
-        raw = f.read(rows * dims * 4)
-    if len(raw) != rows * dims * 4:
-        raise KBError(f"{name} holds fewer than the {rows} committed keys; the KB is damaged, rebuild it")
-    return np.frombuffer(raw, dtype="<f4").reshape(rows, dims)
-
-
-def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None) -> State:
-    """Write `batches` as new shards and commit them with one log line. Call under the lock."""
-    tail = read_tail_state(kb_dir, header)
+def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | None, number: bool = False,
+            adding: int = 0) -> State:
+    """Write `batches` (`adding` entries in all) as new shards and commit them with one log
+    line. Call under the lock. Everything that can refuse the commit is read and checked
+    before its first write. With `number`, each entry's pos is its row in the KB (given here,
+    under the lock, so concurrent builders never share a pos)."""
+    tail = writable_state(kb_dir, header)
+    old_ivf = _load_old_ivf(kb_dir, header, tail)
+    committed_keys = _retrain_keys(kb_dir, header, tail, old_ivf, tail.count + adding)
     fp, dims = header.fingerprint, header.key_dims
     count, nshards, chain = tail.count, tail.nshards, tail.chain
     keys = _keys(header)
     files, hashes, added = {}, {}, {}
     shards = []
     try:
-        for (space, s) in keys:
-            k = key_name(space, s)
-            path = safe_file(kb_dir, rkeys_file(space, s), RKEYS_RE, must_exist=False)
-            f = open(path, "r+b" if path.exists() else "w+b")
-            f.truncate(count * dims * 4)  # rows a killed writer appended but never committed
-            f.seek(count * dims * 4)
-            files[k], hashes[k], added[k] = f, hashlib.sha256(), []
         for x, d, entries in batches:
             if not entries:
                 continue
+            check_batch(header, x, d, len(entries))  # a refused batch: not a byte written yet (the first one)
+            if not files:
+                for (space, s) in keys:
+                    k = key_name(space, s)
+                    path = safe_file(kb_dir, rkeys_file(space, s), RKEYS_RE, must_exist=False)
+                    f = open(path, "r+b" if path.exists() else "w+b")
+                    files[k], hashes[k], added[k] = f, hashlib.sha256(), []
+                    f.truncate(count * dims * 4)  # rows a killed writer appended but never committed
+                    f.seek(count * dims * 4)
+            if number:
+                entries = [Entry(e.prompt, e.seed, count + j) for j, e in enumerate(entries)]
             for part in _split(x, d, entries, header.shard_rows):
                 name = f"shard_{nshards:06d}.safetensors"
                 rec = replace(write_shard(kb_dir, name, header, *part), first=count)
@@ -206,7 +280,7 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
     indexes = {k: v for k, v in tail.indexes.items()}
     for (space, s) in keys:
         k = key_name(space, s)
-        rec = _update_ivf(kb_dir, header, tail, k, np.concatenate(added[k]), count)
+        rec = _update_ivf(kb_dir, header, tail, old_ivf, k, np.concatenate(added[k]), count, committed_keys)
         if rec is not None:
             indexes[k] = rec
     line = encode_line({
@@ -223,25 +297,33 @@ def _commit(kb_dir: Path, header: Header, batches: Iterable[Batch], unit: str | 
         os.fsync(fd)
     finally:
         os.close(fd)
-    _drop_old_indexes(kb_dir, tail, indexes)
+    _drop_old_indexes(kb_dir, indexes)
     return read_tail_state(kb_dir, header)
 
 
-def _drop_old_indexes(kb_dir: Path, tail: State, indexes: dict[str, IndexRec]) -> None:
-    """Keep the current and the previous IVF file of each key (a reader may still use that one)."""
-    keep = {r.file for r in indexes.values()} | {r.file for r in tail.indexes.values()}
+def _drop_old_indexes(kb_dir: Path, indexes: dict[str, IndexRec]) -> None:
+    """Keep the current IVF file of each key and the KEEP_IVF_GENERATIONS before it (readers
+    that opened the KB a few commits ago may still load theirs; see KnowledgeBase.index)."""
+    gens: dict[str, list[tuple[int, Path]]] = {}
     for f in kb_dir.iterdir():
-        if IVF_RE.match(f.name) and f.name not in keep and not f.is_symlink():
+        if IVF_RE.match(f.name) and f.is_file() and not f.is_symlink():
+            key, rows = f.name[4:-12].rsplit("_", 1)
+            gens.setdefault(key, []).append((int(rows), f))
+    for key, files in gens.items():
+        current = indexes.get(key)
+        older = sorted((r, f) for r, f in files if current is None or r < current.rows)
+        for _, f in older[: max(0, len(older) - KEEP_IVF_GENERATIONS)]:
             f.unlink()
 
 
 def append_batch(kb_dir: Path, x: dict[int, np.ndarray], d: dict[int, np.ndarray], entries: list[Entry],
-                 unit: str | None = None) -> State:
-    """Commit one batch of trajectories (any size: split into bounded shards) to an existing KB."""
+                 unit: str | None = None, number: bool = False) -> State:
+    """Commit one batch of trajectories (any size: split into bounded shards) to an existing KB.
+    With `number`, the entries' pos is set to their rows in the KB at commit time."""
     kb_dir = Path(kb_dir)
     header = read_header(kb_dir)
     with kb_lock(kb_dir):
-        return _commit(kb_dir, header, [(x, d, entries)], unit)
+        return _commit(kb_dir, header, [(x, d, entries)], unit, number, adding=len(entries))
 
 
 def _source_batches(src_dir: Path, src_state: State, first_pos: int | None) -> Iterator[Batch]:
@@ -275,9 +357,9 @@ def append_kb(target: Path, source: Path, unit: str | None, first_pos: int | Non
         raise KBError(f"KB {source.name} is empty; nothing to append")
     header = create_kb(target, src_state.fingerprint, dtype=src_state.header.dtype)
     with kb_lock(target):
-        if unit is not None and unit in read_state(target, header).units:
+        if unit is not None and unit in writable_state(target, header).units:
             return False
-        _commit(target, header, _source_batches(source, src_state, first_pos), unit)
+        _commit(target, header, _source_batches(source, src_state, first_pos), unit, adding=src_state.count)
     return True
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from kb_tools import builder
 from kb_tools.errors import KBError
-from kb_tools.storage import disk_format as kb_format
+from kb_tools.storage import commit_log as kb_log
 from kb_tools.storage import writer as kb_writer
 from kb_tools.storage.knowledge_base import KnowledgeBase
 
@@ -39,7 +39,7 @@ def test_round_trip(tmp_path):
     assert ids[0, 0] == 5 and dist[0, 0] == pytest.approx(0, abs=1e-4)
     manifest = json.loads((kb_dir / "manifest.json").read_text())
     assert manifest["format"] == "redi-kb" and manifest["format_version"] == 2 and manifest["dtype"] == "float16"
-    assert kb_format.read_state(kb_dir).count == 7
+    assert kb_log.read_state(kb_dir).count == 7
 
 
 def test_range_seeds(tmp_path):
@@ -109,7 +109,7 @@ def test_killed_build_resumes_without_losing_batches(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         builder.build(kb_dir, fingerprint(), PROMPTS, 3, dying)
-    assert kb_format.read_state(kb_dir).count == 6  # two finished batches survive
+    assert kb_log.read_state(kb_dir).count == 6  # two finished batches survive
     # a shard a killed run wrote but never committed is dropped, its batch redone
     (kb_dir / "shard_000009.safetensors").write_bytes(b"partial")
     with open(kb_dir / "log.jsonl", "ab") as f:

@@ -16,7 +16,8 @@ from kb_tools.storage import disk_format as kb_format
 from kb_tools.storage import index as kb_index
 from kb_tools.storage import shard as kb_shard
 from kb_tools.storage import writer as kb_writer
-from kb_tools.storage.disk_format import Entry, encode_line
+from kb_tools.storage.commit_log import encode_line
+from kb_tools.storage.disk_format import Entry
 from kb_tools.storage.knowledge_base import KnowledgeBase
 from kb_tools.storage.paths import confined_file
 from kb_tools.storage.validate import validate_kb

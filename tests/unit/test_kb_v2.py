@@ -10,6 +10,7 @@ from safetensors.numpy import save_file
 
 from kb_tools import builder
 from kb_tools.errors import KBError
+from kb_tools.storage import commit_log as kb_log
 from kb_tools.storage import disk_format as kb_format
 from kb_tools.storage import index as kb_index
 from kb_tools.storage import shard as kb_shard
@@ -81,12 +82,13 @@ def test_reduced_key_search_reranks_to_the_exact_neighbour(tmp_path, monkeypatch
 
 def test_ivf_index_appends_stay_consistent(tmp_path, monkeypatch):
     monkeypatch.setattr(kb_index, "FLAT_MAX_FLOATS", 600 * 18)
+    monkeypatch.setattr(kb_writer, "KEEP_IVF_GENERATIONS", 1)
     rng = np.random.default_rng(1)
     kb_dir = tmp_path / "kb"
     kb_writer.create_kb(kb_dir, fingerprint(stored_steps=(2, 4)))
     for i in range(5):
         kb_writer.append_batch(kb_dir, *batch(rng, 300, 300 * i, steps=(2, 4)))
-        st = kb_format.read_state(kb_dir)
+        st = kb_log.read_state(kb_dir)
         if st.count * 18 > 600 * 18:
             assert st.indexes["latent_2"].rows == st.count  # every append extends the IVF lists
     kb = KnowledgeBase.open(kb_dir)
@@ -97,7 +99,7 @@ def test_ivf_index_appends_stay_consistent(tmp_path, monkeypatch):
     assert (got[:, 0] == exact[:, 0]).all() and got[:, 0].tolist() == [3, 700, 1499]
     assert validate_kb(kb_dir) == 1500
     ivf_files = sorted(p.name for p in kb_dir.glob("ivf_latent_2_*"))
-    assert len(ivf_files) <= 2  # current and previous generation only
+    assert len(ivf_files) == 2  # the current generation and KEEP_IVF_GENERATIONS (1 here) before it
     assert kb.subset(200).search("latent", 2, q[:1], 1)[1][0, 0] == 3
 
 
@@ -114,12 +116,12 @@ def test_append_kb_units_are_atomic_idempotent_and_out_of_order(tmp_path):
         assert kb_writer.append_kb(target, src, u, first_pos=first)
     assert not kb_writer.append_kb(target, units["u1"][0], "u1", first_pos=5)  # a resumed run never adds it twice
     kb = KnowledgeBase.open(target)
-    assert len(kb) == 15 and kb.units == {"u0", "u1", "u2"} == kb_format.read_units(target)
+    assert len(kb) == 15 and kb.units == {"u0", "u1", "u2"} == kb_log.read_units(target)
     assert sorted(e.pos for e in kb.entries) == list(range(15))
     assert [e.pos for e in kb.entries][:5] == list(range(10, 15))  # commit order, global positions kept
-    assert len(kb_format.read_state(target).shards) == 3
+    assert len(kb_log.read_state(target).shards) == 3
     assert validate_kb(target) == 15
-    names = kb_format.listed_files(target)
+    names = kb_log.listed_files(target)
     assert names[:2] == ["manifest.json", "log.jsonl"] and ".lock" not in names
     assert set(names) <= {p.name for p in target.iterdir()}
     other = tmp_path / "other"
@@ -139,10 +141,10 @@ def test_merge_writes_bounded_shards(tmp_path):
     kb_writer.append_batch(b, *batch(rng, 9, 20))
     st = kb_writer.merge(tmp_path / "m", [a, b])
     assert st.count == 29
-    rows = [s.count for s in kb_format.read_state(tmp_path / "m").shards]
+    rows = [s.count for s in kb_log.read_state(tmp_path / "m").shards]
     assert sum(rows) == 29 and max(rows) <= kb_format.read_header(tmp_path / "m").shard_rows
     assert [e.prompt for e in KnowledgeBase.open(tmp_path / "m").entries] == [f"p{i}" for i in range(29)]
-    assert [s.count for s in kb_format.read_state(a).shards] == [7, 7, 6]
+    assert [s.count for s in kb_log.read_state(a).shards] == [7, 7, 6]
 
 
 def _write_v1(kb_dir, fp, n):

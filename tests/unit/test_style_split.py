@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from redi_core.style_split import compile_patterns, split_prompt, words
+from redi_core.style_split import USER_PATTERN_TIMEOUT, compile_patterns, split_prompt, words
 
 # (prompt, separator, user patterns, expected content, expected style)
 CASES = [
@@ -106,3 +106,30 @@ def test_catastrophic_user_pattern_is_bounded(pattern):
     except ValueError as e:
         assert "took more than" in str(e) and pattern in str(e)
     assert time.perf_counter() - t0 < 15
+
+
+def test_user_patterns_share_one_time_budget_per_split():
+    """Issue 23: 200 segments each under the per-search timeout held the queue for 79 s; all
+    searches of one split now share NODE_BUDGET_S (here 0.3 s) and the split is refused."""
+    prompt = ", ".join("a" * 22 + "!" for _ in range(200))
+    pats = compile_patterns("(a|aa)+$")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="in total on this prompt"):
+        split_prompt(prompt, "", pats, budget_s=0.3)
+    assert time.perf_counter() - t0 < 0.3 + 2 * USER_PATTERN_TIMEOUT + 0.5
+
+
+def test_interrupt_stops_a_split_between_searches():
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        if len(asked) >= 3:
+            raise KeyboardInterrupt("interrupted")  # stands for ComfyUI's InterruptProcessingException
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        split_prompt(", ".join(f"thing {i}" for i in range(50)), "", compile_patterns("zzz"), should_stop=stop)
+    assert len(asked) == 3
+    with pytest.raises(ValueError, match="interrupted"):
+        split_prompt("a, b, c", "", compile_patterns("zzz"), should_stop=lambda: True)
