@@ -56,7 +56,7 @@ STEP_FRACTIONS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_CAP = 5000
 UNIT_PREFIX = "rec:"
 DIGEST_HEX = 12
-MAX_ITEMS_PER_UNIT = 20  # a unit id holds at most 256 characters
+MAX_ITEMS_PER_UNIT = 19  # a unit id holds at most 256 characters: "rec:" + 19 x 13
 NAME_MAX = 64
 GEN_RE = re.compile(r"-g([0-9]{1,4})$")
 
@@ -219,6 +219,8 @@ def _commit_items(path: Path, x, d, entries, digests, keep: list[int]) -> None:
     for a in range(0, len(keep), MAX_ITEMS_PER_UNIT):
         part = keep[a : a + MAX_ITEMS_PER_UNIT]
         unit = UNIT_PREFIX + ",".join(digests[i] for i in part)
+        if len(unit) > 256 or any(not re.fullmatch(r"[0-9a-f]{%d}" % DIGEST_HEX, digests[i]) for i in part):
+            raise KBError(f"recording digests must be {DIGEST_HEX} hex characters each (item_digest)")
         batch = ({s: np.asarray(v[part]) for s, v in x.items()}, {s: np.asarray(v[part]) for s, v in d.items()}, [entries[i] for i in part])
         commit_locked(path, header, [batch], unit)
 
