@@ -219,7 +219,7 @@ def _commit_items(path: Path, x, d, entries, digests, keep: list[int]) -> None:
     for a in range(0, len(keep), MAX_ITEMS_PER_UNIT):
         part = keep[a : a + MAX_ITEMS_PER_UNIT]
         unit = UNIT_PREFIX + ",".join(digests[i] for i in part)
-        if len(unit) > 256 or any(not re.fullmatch(r"[0-9a-f]{%d}" % DIGEST_HEX, digests[i]) for i in part):
+        if len(unit) > 256 or any(not re.fullmatch(f"[0-9a-f]{{{DIGEST_HEX}}}", digests[i]) for i in part):
             raise KBError(f"recording digests must be {DIGEST_HEX} hex characters each (item_digest)")
         batch = ({s: np.asarray(v[part]) for s, v in x.items()}, {s: np.asarray(v[part]) for s, v in d.items()}, [entries[i] for i in part])
         commit_locked(path, header, [batch], unit)

@@ -63,13 +63,13 @@ def session_stream(n: int, seed: int) -> list[dataset.Sample]:
 
 
 class Session:
-    def __init__(self, out: Path, preset: str) -> None:
+    def __init__(self, out: Path, preset: str, fresh: bool = True) -> None:
         torch.set_num_threads(int(os.environ.get("REDI_THREADS", "1")))
         host.load_pack()
         import folder_paths
 
         self.kb_root = out / "kb"
-        if (self.kb_root / LIBRARY).exists():
+        if fresh and (self.kb_root / LIBRARY).exists():
             raise SystemExit(f"{self.kb_root / LIBRARY} exists: the curve starts from an empty library; use a new --out")
         self.kb_root.mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path("redi_kb", str(self.kb_root), is_default=True)

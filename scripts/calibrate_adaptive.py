@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    s = bl.Session(args.out, "balanced")
+    s = bl.Session(args.out, "balanced", fresh=False)  # a stopped calibration continues its KB
     lib = s.lib.Library(s.kb_root / bl.LIBRARY)
     rec = importlib_module("redi_accelerate.comfy_adapter.recording")
     fp = rec.run_fingerprint(s.model, (1, 4, 8, 8), bl.SAMPLER, bl.SCHEDULER, bl.STEPS, bl.CFG, s.negative)
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     stream = bl.session_stream(args.kb, 11)
     seeds = np.random.default_rng(12).integers(0, 2**31, size=args.kb).tolist()
     for i, (smp, seed) in enumerate(zip(stream, seeds)):
+        if i < lkb.count:
+            continue
         cond = s.kb_nodes.encode_batch(s.clip, [smp.prompt()])
         latent = torch.zeros(1, 4, 8, 8)
         x, d = ph.trajectory(cond, latent, s.cs.noise_for(latent, [seed]), [seed], stored)
