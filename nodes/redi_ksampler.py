@@ -75,6 +75,7 @@ class ReDiKSampler(io.ComfyNode):
                 *library_inputs(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -85,7 +86,7 @@ class ReDiKSampler(io.ComfyNode):
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_step,
                 value_step, neighbours, key_space, max_key_distance, max_residual, kb=None, content_positive=None,
                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed="fixed k/v", learn=True,
-                max_trajectories=DEFAULT_CAP) -> io.NodeOutput:
+                max_trajectories=DEFAULT_CAP, store_prompt_text=False) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         if latent_image.get("noise_mask") is not None or torch.count_nonzero(latent) > 0:
             raise ValueError("ReDi KSampler samples from pure noise (txt2img): connect an Empty Latent Image; for img2img use the stock KSampler")
@@ -136,7 +137,8 @@ class ReDiKSampler(io.ComfyNode):
                 got = recording.finished_rows(phases.key_capture, cap, k, lkb.fingerprint.stored_steps, idx)
                 if got is not None:
                     sigs = recording.item_signatures(positive, latent.shape[0])
-                    recording.submit(lib, lkb, got[0], got[1], [sigs[i] for i in idx], seed, idx.tolist())
+                    text = kb_types.prompt_text_of(cls, "positive") if store_prompt_text else None
+                    recording.submit(lib, lkb, got[0], got[1], [sigs[i] for i in idx], seed, idx.tolist(), [text] * len(idx))
                     recorded += len(idx)
         if lib is not None:
             held = 0 if kb is None else len(kb)
@@ -156,7 +158,8 @@ def library_inputs() -> list:
         io.String.Input("library", default="", optional=True, tooltip="Work from a KB library instead of a connected KB: a folder name under models/redi_kb. For each run it uses the KB that fits the model, sampler, scheduler, steps, cfg, size and negative prompt, and creates an empty one when none does. Empty: use the connected KB (as before)."),
         io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: balanced)."),
         io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added."),
-        io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, advanced=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
+        io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
+        io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
     ]
 
 

@@ -26,7 +26,7 @@ class ReDiRecord(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to record with (it is cloned; the input model is not changed)."),
                 io.String.Input("library", default="my_library", tooltip="Library folder under models/redi_kb; the KB that fits each run (model, sampler, scheduler, steps, cfg, size, negative prompt) is found or created in it."),
                 io.Boolean.Input("enabled", default=True, tooltip="Off returns the model unchanged (nothing recorded)."),
-                io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, advanced=True, tooltip="Size cap of each library KB; at the cap a new generation keeps a coverage-preserving half of the old KB (see `python -m kb_tools library prune`)."),
+                io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, tooltip="Size cap of each library KB; at the cap a new generation keeps a coverage-preserving half of the old KB (see `python -m kb_tools library prune`)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the recording wrapper; connect it to KSampler or a guider.")],
         )

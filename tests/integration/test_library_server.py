@@ -51,3 +51,17 @@ def test_library_without_kb_or_library_fails_with_the_fix(server):
     entry = server.run(graph)
     err = server.error_of(entry)
     assert err and "connect ReDi KB Loader to `kb`, or name a library" in err["exception_message"], err
+
+
+def test_prompt_text_is_stored_only_when_asked(server):
+    from kb_tools.library import Library
+    from kb_tools.storage.knowledge_base import KnowledgeBase
+
+    for lib, store in (("text_off", False), ("text_on", True)):
+        graph = workflows.redi_library(seed=3, library=lib)
+        graph["7"]["inputs"]["store_prompt_text"] = store
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+        assert _wait_count(server, lib, 1) == 1
+        prompt = KnowledgeBase.open(Library(server.kb_dir / lib).list()[0].path).entries[0].prompt
+        assert (prompt == workflows.DEMO_PROMPT) if store else prompt.startswith("cond:"), prompt
