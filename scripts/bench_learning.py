@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         psnr = float(evaluator.psnr(img[None], ref[None])[0]) if jumped else float("inf")
         rows.append({"sample": sample, "img": img, "ref": ref, "calls": calls, "full_calls": full_calls, "psnr": psnr,
                      "jumped": jumped, "recorded": recorded, "wall": wall, "record_s": rec_s})
+        if (i + 1) % 10 == 0:
+            print(f"  {i + 1} generations, {sum(r['jumped'] for r in rows)} jumped, {sum(r['recorded'] for r in rows)} recorded, "
+                  f"{time.perf_counter() - t_start:.0f}s", flush=True)
         if (i + 1) % args.window == 0 or i + 1 == args.generations:
             part = rows[len(windows) * args.window :]
             windows.append(window_row(s, part, len(windows) * args.window, args.bootstrap))

@@ -22,10 +22,17 @@ def test_plan_snaps_to_stored_steps_and_orders_tiers():
         assert k in stored and all(t.value_step in stored and t.value_step > k for t in tiers)
         assert [t.max_distance for t in tiers] == sorted(t.max_distance for t in tiers)  # farthest jump needs the closest match
         assert [t.value_step for t in tiers] == sorted((t.value_step for t in tiers), reverse=True)
-    # speed jumps at least as far as fidelity, at looser bounds
-    _, fid = adaptive.plan("fidelity", 20, stored)
-    _, fast = adaptive.plan("speed", 20, stored)
-    assert fast[0].value_step >= fid[0].value_step and fast[-1].max_distance >= fid[-1].max_distance
+    # at every distance, speed jumps at least as far as balanced, and balanced as far as fidelity
+    plans = {p: adaptive.plan(p, 20, stored) for p in ("fidelity", "balanced", "speed")}
+
+    def jump(preset, dist):
+        k, tiers = plans[preset]
+        t = adaptive.choose(dist, tiers)
+        return k if t is None else t.value_step
+
+    for dist in np.linspace(0, 1.5, 61):
+        assert jump("speed", dist) >= jump("balanced", dist) >= jump("fidelity", dist), dist
+    assert jump("speed", 0.1) > jump("fidelity", 0.1)
     with pytest.raises(KBError, match="speed preset"):
         adaptive.plan("turbo", 20, stored)
     with pytest.raises(KBError, match="no value step"):
