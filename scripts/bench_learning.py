@@ -23,6 +23,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     windows: list[dict] = []
     checks, full_sampled = [], 0
+    items: list[dict] = []  # per image: its value step (None: sampled in full), nearest distance, PSNR to the full run
     t_start = time.perf_counter()
     for i, (sample, seed) in enumerate(zip(stream, seeds.tolist())):
         prompt = sample.prompt()
@@ -218,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
                 checks.append(float(evaluator.psnr(img[None], s.decode(ref_lat))[0]))
                 ref = s.decode(ref_lat)[0]
         psnr = float(evaluator.psnr(img[None], ref[None])[0]) if jumped else float("inf")
+        step_line = next((ln for ln in report if ln.startswith("[0] ")), "")
+        m = re.search(r"to step (\d+)", step_line)
+        d = re.search(r"nearest key at ([0-9.]+)", step_line)
+        items.append({"i": i, "prompt": prompt, "seed": int(seed), "calls": calls, "value_step": int(m.group(1)) if m else None,
+                      "distance": float(d.group(1)) if d else None, "psnr": psnr if jumped else None})
         rows.append({"sample": sample, "img": img, "ref": ref, "calls": calls, "full_calls": full_calls, "psnr": psnr,
                      "jumped": jumped, "recorded": recorded, "wall": wall, "record_s": rec_s})
         if (i + 1) % 10 == 0:
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                       "windows": windows, "full_run_checks_psnr": checks,
                       "record_seconds_per_recorded": float(sum(r["record_s"] for r in rows) / max(1, sum(r["recorded"] for r in rows))),
                       "redi_wall_s_per_image": float(np.mean([r["wall"] for r in rows])),
-                      "elapsed_s": time.perf_counter() - t_start}
+                      "elapsed_s": time.perf_counter() - t_start, "per_image": items}
             (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
             plot(windows, args.out / "learning_curve.png")
     if checks and min(checks) < 50:
