@@ -193,6 +193,7 @@ class Phases:
         self.sigmas = ksampler_sigmas(model, sampler, scheduler, steps)
         self.preview = latent_preview.prepare_callback(model, steps) if preview else None
         self.noise_plan: NoisePlan | None = None
+        self.key_capture: Capture | None = None  # the last key phase's states (x after every step up to k)
 
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
@@ -220,15 +221,22 @@ class Phases:
         self.noise_plan = NoisePlan(self.sampler, self.sigmas, seed, latent.shape[0], item_seeds)
         cap = Capture(self.sampler, stop_at=stop, noise=self.noise_plan)
         self._run(cap, positive, latent, noise, self.sigmas if stop else self.sigmas[: k + 1], seed)
+        self.key_capture = cap
         return key_state(cap, k, self.sigmas)
 
-    def finish(self, positive, x_model: np.ndarray, start: int, seed: int, rows: np.ndarray | None = None) -> torch.Tensor:
+    def finish(self, positive, x_model: np.ndarray, start: int, seed: int, rows: np.ndarray | None = None,
+               record: Capture | None = None) -> torch.Tensor:
         """Sample the batch rows `rows` (all: None) of the last key phase from `start` to the end, on the
-        full run's noise; input is the sampler state x, output in ComfyUI's latent space."""
-        cap = Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
+        full run's noise; input is the sampler state x, output in ComfyUI's latent space. `record`: a
+        Capture made by `finish_capture` that keeps the states of every step (no extra model call)."""
+        cap = record or Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
         x = to_latent_image(self.model_sampling, float(self.sigmas[start]), torch.from_numpy(np.ascontiguousarray(x_model)))
         x = self.to_out(x)
         return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed)
+
+    def finish_capture(self, start: int, rows: np.ndarray | None = None) -> Capture:
+        """A finish that records x and the denoised estimate of every step from `start` on."""
+        return Capture(self.sampler, offset=start, record=True, noise=self.noise_plan, rows=rows)
 
     def full(self, positive, latent: torch.Tensor, noise: torch.Tensor, seed: int, item_seeds: list[int] | None = None) -> torch.Tensor:
         """The stock KSampler's run (each item as a batch of one with `item_seeds`), for benchmarks."""

@@ -9,6 +9,7 @@
     upgrade   convert a format-1 KB into a new format-2 KB (lossless)
     recall    recall of the reduced-key search + re-rank against exact search, on a KB's own keys
     bench-scale  write a synthetic KB of a given size through the real writer and time it
+    library   list or prune a KB library (a folder of KBs that ReDi KSampler / ReDi Record fill)
 """
 
 from __future__ import annotations
@@ -107,6 +108,28 @@ def _prompts_from_args(args) -> list[str]:
     if not prompts:
         raise KBError("no prompts given: use --prompts-file FILE or --prompt TEXT")
     return prompts
+
+
+def cmd_library(args) -> None:
+    from .library import Library, describe
+
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise KBError(f"no library folder at {root}; give a folder under models/redi_kb (ReDi KSampler's `library` input creates it)")
+    lib = Library(root)
+    if args.action == "list":
+        rows = describe(lib.list())
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return
+        print(f"{'trajectories':>12}  {'gen':>3}  {'MB':>8}  name")
+        for r in rows:
+            print(f"{r['trajectories']:12d}  {r['generation']:3d}  {r['bytes'] / 1e6:8.2f}  {r['name']}")
+        print(f"{len(rows)} KBs, {sum(r['trajectories'] for r in rows)} trajectories")
+        return
+    gone = lib.prune(keep_generations=args.keep_generations, dry_run=args.dry_run, empty=args.empty)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(gone)} KBs" + "".join(f"\n  {g}" for g in gone))
 
 
 def cmd_build_distributed(args) -> None:
@@ -216,6 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: time an existing KB in a fresh process
     p.set_defaults(func=cmd_bench_scale)
+    p = sub.add_parser("library", help="list or prune a KB library folder")
+    p.add_argument("action", choices=["list", "prune"])
+    p.add_argument("folder", help="the library folder, e.g. ComfyUI/models/redi_kb/my_library")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per KB")
+    p.add_argument("--keep-generations", type=int, default=1, help="prune: generations of each KB to keep (newest first)")
+    p.add_argument("--empty", action="store_true", help="prune: also remove KBs that hold no trajectory")
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
+    p.set_defaults(func=cmd_library)
     args = ap.parse_args(argv)
     try:
         args.func(args)

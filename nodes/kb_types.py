@@ -82,3 +82,18 @@ def node_id_of(node_cls) -> str | None:
     """The executing node's id, or None when the node is called outside ComfyUI's executor (in-process tests)."""
     hidden = getattr(node_cls, "hidden", None)
     return getattr(hidden, "unique_id", None) if hidden is not None else None
+
+
+def prompt_text_of(node_cls, input_name: str) -> str | None:
+    """The text of the CLIPTextEncode node wired into `input_name` of the executing node, when the
+    graph has one with a literal text (None otherwise: the sampler itself sees only conditioning)."""
+    hidden = getattr(node_cls, "hidden", None)
+    prompt, uid = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+    if not isinstance(prompt, dict) or uid is None:
+        return None
+    link = prompt.get(str(uid), {}).get("inputs", {}).get(input_name)
+    if not (isinstance(link, list) and link):
+        return None
+    src = prompt.get(str(link[0]), {})
+    text = src.get("inputs", {}).get("text")
+    return text if src.get("class_type") == "CLIPTextEncode" and isinstance(text, str) else None

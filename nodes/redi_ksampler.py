@@ -9,15 +9,19 @@ import torch
 from comfy_api.latest import io
 
 from .. import comfy_adapter
-from ..comfy_adapter import kb_match
+from ..comfy_adapter import kb_match, recording
+from ..kb_tools.errors import KBError
+from ..kb_tools.library import DEFAULT_CAP, Library, library_root
+from ..redi_core import adaptive
 from ..redi_core.retrieval import GUARD_DEFAULTS, retrieve, summary_lines
 from . import kb_types
 
 
-def redi_inputs() -> list:
+def redi_inputs(kb_optional: bool = False) -> list:
     """Inputs shared by ReDi KSampler and ReDi Sampler."""
     return [
-        kb_types.KBType.Input("kb", tooltip="Knowledge base from ReDi KB Builder or ReDi KB Loader (same model, size, sampler, scheduler, steps, cfg)."),
+        kb_types.KBType.Input("kb", optional=kb_optional, tooltip="Knowledge base from ReDi KB Builder or ReDi KB Loader (same model, size, sampler, scheduler, steps, cfg)."
+                              + (" Leave it unconnected when a library is named below." if kb_optional else "")),
         io.Int.Input("key_step", default=4, min=1, max=1000, tooltip="Steps sampled before retrieval (k). Later keys match more precisely but skip less. Must be a stored step of the KB."),
         io.Int.Input("value_step", default=10, min=2, max=1000, tooltip="Step the blended neighbours jump to (v > k). Steps k..v are skipped: more skipping is faster and drifts further from the full result. Must be a stored step. Where the scheduler leaves little noise at v (e.g. karras or exponential at 20 steps, v=10), the guard uses only close neighbours and samples the rest in full (the report says so)."),
         io.Int.Input("neighbours", default=1, min=1, max=64, tooltip="Neighbours H blended with least-squares weights. 1 rescales the nearest trajectory (the authors' setting)."),
@@ -66,10 +70,12 @@ class ReDiKSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Prompt conditioning for the steps after retrieval (and before it when no content conditioning is given)."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning (use the KB's negative prompt)."),
                 io.Latent.Input("latent_image", tooltip="Empty latent of the KB's size (txt2img; ReDi starts from pure noise)."),
-                *redi_inputs(),
+                *redi_inputs(kb_optional=True),
                 io.Conditioning.Input("content_positive", optional=True, tooltip="Optional content-only conditioning (from ReDi Style Split) for the first k steps and the retrieval; the full prompt then drives the rest (zero-shot stylization)."),
+                *library_inputs(),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent.")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -77,30 +83,84 @@ class ReDiKSampler(io.ComfyNode):
         return comfy_adapter.sampler_problem(sampler_name, scheduler, node="ReDi KSampler")
 
     @classmethod
-    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, kb, key_step,
-                value_step, neighbours, key_space, max_key_distance, max_residual, content_positive=None,
-                max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_step,
+                value_step, neighbours, key_space, max_key_distance, max_residual, kb=None, content_positive=None,
+                max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed="fixed k/v", learn=True,
+                max_trajectories=DEFAULT_CAP, store_prompt_text=False) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        notes = kb_match.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
         if latent_image.get("noise_mask") is not None or torch.count_nonzero(latent) > 0:
             raise ValueError("ReDi KSampler samples from pure noise (txt2img): connect an Empty Latent Image; for img2img use the stock KSampler")
-        params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
-                                            latent.shape[0], max_weight_deviation)
+        lib = lkb = None
+        notes: list[str] = []
+        if library.strip():
+            lib = Library(library_root(kb_types.kb_roots()[0], library.strip()), max_trajectories)
+            fp = recording.run_fingerprint(model, tuple(latent.shape), sampler_name, scheduler, steps, cfg, negative)
+            comfy_adapter.check_sampler(sampler_name, scheduler)
+            lkb = lib.find_or_create(fp)
+            kb = lib.open(lkb)
+            if speed == "fixed k/v":
+                speed = "balanced"  # a library KB stores its own steps: the preset picks k and v
+        elif kb is None:
+            raise KBError("ReDi KSampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
+        else:
+            notes = kb_match.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
         counter = NFECounter()
         counted = counter.attach(model)
         phases = comfy_adapter.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
         noise = comfy.sample.prepare_noise(latent, seed)
-        state = phases.key_phase(content_positive if content_positive is not None else positive, latent, noise, seed, params.key_step)
-        key_calls = counter.calls
-        ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),
-                       noise=comfy_adapter.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
+        key_positive = content_positive if content_positive is not None else positive
+        if speed == "fixed k/v":
+            params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
+                                                latent.shape[0], max_weight_deviation)
+            state = phases.key_phase(key_positive, latent, noise, seed, params.key_step)
+            key_calls = counter.calls
+            ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),
+                           noise=comfy_adapter.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
+            groups = [(start, idx, src) for start, idx, src in ret.starts(state, params)]
+            lines = summary_lines(ret, params, steps)
+            k = params.key_step
+        else:
+            stored = lkb.fingerprint.stored_steps if lkb is not None else kb.fingerprint.stored_steps
+            k, tiers = adaptive.plan(speed, steps, stored)
+            state = phases.key_phase(key_positive, latent, noise, seed, k)
+            key_calls = counter.calls
+            ret = adaptive.retrieve_adaptive(kb, state, k, tiers, phases.sigmas.float().tolist(), neighbours, max_weight_deviation)
+            groups = list(ret.starts())
+            lines = adaptive.summary_lines(ret, speed, tiers, steps)
+        record = lib is not None and learn and content_positive is None and sampler_name in recording.FINISH_EXACT
         out = torch.zeros(latent.shape)
-        for start, idx, src in ret.starts(state, params):
-            out[idx] = phases.finish(positive, src, start, seed, rows=idx).float().cpu()
-        lines = summary_lines(ret, params, steps) + [nfe_line(counter.calls, key_calls, sampler_name, params.key_step)] + notes
+        recorded = 0
+        for start, idx, src in groups:
+            cap = phases.finish_capture(start, idx) if record and start == k else None
+            out[idx] = phases.finish(positive, src, start, seed, rows=idx, record=cap).float().cpu()
+            if cap is not None:
+                got = recording.finished_rows(phases.key_capture, cap, k, lkb.fingerprint.stored_steps, idx)
+                if got is not None:
+                    sigs = recording.item_signatures(positive, latent.shape[0])
+                    text = kb_types.prompt_text_of(cls, "positive") if store_prompt_text else None
+                    recording.submit(lib, lkb, got[0], got[1], [sigs[i] for i in idx], seed, idx.tolist(), [text] * len(idx))
+                    recorded += len(idx)
+        if lib is not None:
+            held = 0 if kb is None else len(kb)
+            learn_note = (f"recording {recorded} full trajectories (in the background)" if record else
+                          "not recording" + ("" if learn else " (learn is off)") +
+                          ("" if sampler_name in recording.FINISH_EXACT else f" ({sampler_name} has a multistep history: use ReDi Record on a stock KSampler)") +
+                          ("" if content_positive is None else " (content conditioning: the key phase is not the full prompt's)"))
+            lines = [f"library {library.strip()}: KB {lkb.name}, {held} trajectories; {learn_note}"] + lines
+        lines += [nfe_line(counter.calls, key_calls, sampler_name, k)] + notes
         result = dict(latent_image)
         result["samples"] = out
         return io.NodeOutput(result, ui=kb_types.report(lines))
+
+
+def library_inputs() -> list:
+    return [
+        io.String.Input("library", default="", optional=True, tooltip="Work from a KB library instead of a connected KB: a folder name under models/redi_kb. For each run it uses the KB that fits the model, sampler, scheduler, steps, cfg, size and negative prompt, and creates an empty one when none does. Empty: use the connected KB (as before)."),
+        io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: balanced)."),
+        io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added."),
+        io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
+        io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
+    ]
 
 
 def nfe_line(total: int, key_calls: int, sampler: str, k: int) -> str:

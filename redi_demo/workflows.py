@@ -73,6 +73,29 @@ def redi_ksampler(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str | No
     return g
 
 
+LIBRARY = "demo_library"
+
+
+def redi_record(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = LIBRARY) -> dict:
+    """The stock KSampler behind ReDi Record: every generation adds its trajectory to the library."""
+    g = demo_txt2img(prompt, seed)
+    g["10"] = {"class_type": "ReDiRecord", "inputs": {"model": ["1", 0], "library": library, "enabled": True, "max_trajectories": 5000}}
+    g["5"]["inputs"]["model"] = ["10", 0]
+    g["9"]["inputs"]["filename_prefix"] = "redi_record"
+    return g
+
+
+def redi_library(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = LIBRARY, speed: str = "balanced") -> dict:
+    """ReDi KSampler on a library that fills itself: no KB to build, random seeds."""
+    g = _base(prompt)
+    g["7"] = {"class_type": "ReDiKSampler", "inputs": {
+        "model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], **REDI_OPTS,
+        "library": library, "speed": speed, "learn": True, "max_trajectories": 5000}}
+    g.update(_decode_save(["7", 0], "redi_library"))
+    return g
+
+
 def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
     g = _base(prompt)
     g["6"] = {"class_type": "ReDiKBLoader", "inputs": {"kb_name": KB_NAME}}

@@ -11,7 +11,7 @@ PACKAGES = ("nodes", "comfy_adapter", "redi_core", "kb_tools")
 LAYERS = {
     "kb_tools.errors": 0, "kb_tools.version": 0, "kb_tools.storage": 0,
     "redi_core": 1,
-    "kb_tools.distributed": 2, "kb_tools.measure": 2, "kb_tools.builder": 2,
+    "kb_tools.distributed": 2, "kb_tools.measure": 2, "kb_tools.builder": 2, "kb_tools.library": 2,
     "comfy_adapter": 3,
     "nodes": 4, "kb_tools.cli": 4, "kb_tools.__main__": 4,
 }

@@ -1,0 +1,139 @@
+"""A skip chosen per image: each item's value step follows its retrieval distance.
+
+One search at the key step gives every item's nearest stored trajectory. A close neighbour
+lets the item jump far (a late value step), a farther one less, and a poor one is sampled in
+full from the key step. The tiers of a preset are (max relative key distance, value step as a
+fraction of the schedule), tried from the farthest jump down; thresholds are measured on the
+demo model at random seeds (scripts/calibrate_adaptive.py, README "Speed vs fidelity") under
+the per-image criterion: an image fails when it lies under 15 dB PSNR from its full run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blend import blend, lstsq_weights
+from .kb_access import KBError, KBView
+from .retrieval import GUARD_DEFAULTS, ItemReport, KeyState
+
+# preset -> (key step fraction, tiers [(max distance, value step fraction)], farthest jump first).
+# Calibrated on the demo model (euler/normal, 20 steps, cfg 6), denoised keys at new seeds: a library KB
+# of 110 session-stream trajectories, 40 queries of another stream, each finished from every value step
+# (scripts/calibrate_adaptive.py; README "A library that fills itself"). Nearest distances 0.45-1.16.
+# v=16 (k=3): the first image under 15 dB at distance 0.80 (2 of 40 under 15 dB, both above 0.79; the
+# 20 below 0.78 all >= 18.0 dB); v=14: none under 15 dB up to 1.16 (worst 16.8 dB); v=12: worst 17.8
+# dB; v=8, 10: none under 19 dB. Beyond 1.2 nothing was measured, so an image is sampled in full there.
+PRESETS: dict[str, tuple[float, tuple[tuple[float, float], ...]]] = {
+    "fidelity": (0.15, ((0.9, 0.6), (1.2, 0.5))),
+    "balanced": (0.15, ((0.6, 0.8), (1.2, 0.7))),
+    "speed": (0.15, ((0.75, 0.8), (1.2, 0.7))),
+}
+PRESET_OPTIONS = ["fixed k/v", *PRESETS]
+
+
+@dataclass(frozen=True)
+class Tier:
+    max_distance: float
+    value_step: int
+
+
+def plan(preset: str, steps: int, stored: tuple[int, ...]) -> tuple[int, list[Tier]]:
+    """The key step and the tiers of `preset` for a schedule of `steps`, snapped to stored steps."""
+    if preset not in PRESETS:
+        raise KBError(f"speed preset must be one of {list(PRESETS)}, not {preset!r}")
+    key_frac, tiers = PRESETS[preset]
+    stored = tuple(sorted(stored))
+
+    def snap(frac: float) -> int:
+        return min(stored, key=lambda s: (abs(s - frac * steps), s))
+
+    k = snap(key_frac)
+    out = []
+    for dist, frac in tiers:
+        v = snap(frac)
+        if v > k and all(v != t.value_step for t in out):
+            out.append(Tier(dist, v))
+    if not out:
+        raise KBError(f"the KB stores no value step after key step {k} (stored {list(stored)}); use a library KB or fixed k/v")
+    return k, out
+
+
+def choose(distance: float, tiers: list[Tier]) -> Tier | None:
+    """The farthest jump whose distance bound the item's nearest key meets (None: full sampling)."""
+    for t in tiers:
+        if distance <= t.max_distance:
+            return t
+    return None
+
+
+@dataclass
+class AdaptiveRetrieval:
+    key_step: int
+    value_steps: np.ndarray  # B ints: the item's value step, or the key step when sampled in full
+    x_start: np.ndarray  # B x C x H x W: each item's start state (the blend at its value step, or x_k)
+    reports: list[ItemReport]
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.value_steps > self.key_step
+
+    def starts(self):
+        """(start step, item indices, their start states), one group per distinct start step."""
+        for start in sorted(set(self.value_steps.tolist())):
+            idx = np.flatnonzero(self.value_steps == start)
+            yield int(start), idx, self.x_start[idx]
+
+
+def retrieve_adaptive(kb: KBView | None, state: KeyState, key_step: int, tiers: list[Tier], sigmas: list[float],
+                      neighbours: int = 1, max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"],
+                      empty_reason: str = "the KB holds no trajectory yet") -> AdaptiveRetrieval:
+    """Per item: search the denoised keys at `key_step`, pick the tier from the nearest distance,
+    blend the neighbours' denoised values at that tier's step and re-noise them with the item's
+    own noise estimate (any seed). `sigmas` is the whole schedule."""
+    b = len(state.x)
+    value_steps = np.full(b, key_step, dtype=np.int64)
+    x_start = state.x.astype(np.float32).copy()
+    if kb is None or len(kb.entries) == 0:
+        return AdaptiveRetrieval(key_step, value_steps, x_start, [ItemReport(False, reason=empty_reason) for _ in range(b)])
+    kb.require_step(key_step, "key")
+    for t in tiers:
+        kb.require_step(t.value_step, "value")
+    queries = state.denoised.reshape(b, -1).astype(np.float32)
+    dist, ids = kb.search("denoised", key_step, queries, neighbours)
+    reports = []
+    for i, q in enumerate(queries):
+        nb = ids[i][ids[i] >= 0]
+        qn = max(float(np.linalg.norm(q)), 1e-12)
+        rel = [float(d) / qn for d in dist[i][: len(nb)]]
+        w, resid = lstsq_weights(kb.full_keys("denoised", key_step, nb), q)
+        rep = ItemReport(accepted=False, neighbours=nb.tolist(), prompts=[kb.entries[j].prompt for j in nb], distances=rel,
+                         weights=w.tolist(), residual=resid)
+        tier = choose(rel[0], tiers)
+        if tier is None:
+            rep.reason = f"nearest key at {rel[0]:.3f} > {tiers[-1].max_distance:.2f} (too far for any jump)"
+        elif max_weight_deviation > 0 and abs(float(np.sum(w)) - 1.0) > max_weight_deviation:
+            rep.reason = f"blend weights sum to {float(np.sum(w)):+.3f}, more than {max_weight_deviation:.2f} from 1"
+        else:
+            rep.accepted = True
+            rep.reason = f"nearest key at {rel[0]:.3f} <= {tier.max_distance:.2f}"
+            value = blend(kb.values("denoised", tier.value_step, nb), w)
+            x_start[i] = value + np.float32(sigmas[tier.value_step]) * state.eps[i].astype(np.float32)
+            value_steps[i] = tier.value_step
+        reports.append(rep)
+    return AdaptiveRetrieval(key_step, value_steps, x_start, reports)
+
+
+def summary_lines(ret: AdaptiveRetrieval, preset: str, tiers: list[Tier], steps: int) -> list[str]:
+    k = ret.key_step
+    lines = [f"ReDi {preset}: key step {k}, denoised keys; jump to " +
+             ", ".join(f"step {t.value_step} when the nearest key is within {t.max_distance:.2f}" for t in tiers)]
+    for b, (r, v) in enumerate(zip(ret.reports, ret.value_steps.tolist())):
+        if v > k:
+            lines.append(f"[{b}] jumped from step {k} to step {v} (skipped {v - k} of {steps} steps): {r.reason}")
+        else:
+            lines.append(f"[{b}] full sampling from step {k}: {r.reason}")
+        for p, d, w in zip(r.prompts[:2], r.distances, r.weights):
+            lines.append(f"    w={w:+.3f} dist={d:.3f}  {p[:80]}")
+    return lines

@@ -1,0 +1,67 @@
+"""The library through the real server: a stock KSampler with ReDi Record fills it, ReDi KSampler
+with `library` set uses it (no KB to build) and says which KB it used."""
+
+import time
+
+import pytest
+
+from redi_demo import workflows
+
+pytestmark = pytest.mark.integration
+
+
+def _report(entry: dict) -> list[str]:
+    return [ln for out in entry["outputs"].values() for ln in out.get("redi_report", [])]
+
+
+def _count(server, library: str) -> int:
+    from kb_tools.library import Library
+
+    kbs = Library(server.kb_dir / library).list()
+    return sum(k.count for k in kbs)
+
+
+def _wait_count(server, library: str, n: int, timeout: float = 60.0) -> int:
+    end = time.time() + timeout
+    while time.time() < end and _count(server, library) < n:
+        time.sleep(0.2)  # the recorder writes in the background, after the output
+    return _count(server, library)
+
+
+def test_redi_record_and_library_through_the_server(server):
+    lib = "server_library"
+    for seed in (11, 12):
+        entry = server.run(workflows.redi_record(seed=seed, library=lib))
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    assert _wait_count(server, lib, 2) == 2
+    entry = server.run(workflows.redi_record(seed=11, library=lib))  # a duplicate (same prompt and seed)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    time.sleep(1.0)
+    assert _count(server, lib) == 2
+    entry = server.run(workflows.redi_library(seed=11, library=lib))
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    lines = _report(entry)
+    assert lines[0].startswith(f"library {lib}: KB redidemoshap-euler-normal-20s-cfg6-8x8-") and ", 2 trajectories;" in lines[0], lines
+    assert str(server.kb_dir) not in "\n".join(lines)  # the KB's name, never a server path
+    assert any("jumped from step 3 to step" in ln for ln in lines), lines
+
+
+def test_library_without_kb_or_library_fails_with_the_fix(server):
+    graph = workflows.redi_library(library="")
+    entry = server.run(graph)
+    err = server.error_of(entry)
+    assert err and "connect ReDi KB Loader to `kb`, or name a library" in err["exception_message"], err
+
+
+def test_prompt_text_is_stored_only_when_asked(server):
+    from kb_tools.library import Library
+    from kb_tools.storage.knowledge_base import KnowledgeBase
+
+    for lib, store in (("text_off", False), ("text_on", True)):
+        graph = workflows.redi_library(seed=3, library=lib)
+        graph["7"]["inputs"]["store_prompt_text"] = store
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+        assert _wait_count(server, lib, 1) == 1
+        prompt = KnowledgeBase.open(Library(server.kb_dir / lib).list()[0].path).entries[0].prompt
+        assert (prompt == workflows.DEMO_PROMPT) if store else prompt.startswith("cond:"), prompt

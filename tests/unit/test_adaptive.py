@@ -1,0 +1,77 @@
+"""The per-image value step: tiers from a preset, the choice from the nearest distance, and the
+blend at each item's own step (small CPU tensors, a real KB on disk)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kb_tools.errors import KBError
+from kb_tools.library import Library, item_digest, library_steps
+from kb_tools.storage.disk_format import Entry
+from redi_core import adaptive
+from redi_core.retrieval import KeyState
+from tests.unit.kb_fixtures import SHAPE
+from tests.unit.test_library import run_fp
+
+
+def test_plan_snaps_to_stored_steps_and_orders_tiers():
+    stored = library_steps(20)
+    for preset in adaptive.PRESETS:
+        k, tiers = adaptive.plan(preset, 20, stored)
+        assert k in stored and all(t.value_step in stored and t.value_step > k for t in tiers)
+        assert [t.max_distance for t in tiers] == sorted(t.max_distance for t in tiers)  # farthest jump needs the closest match
+        assert [t.value_step for t in tiers] == sorted((t.value_step for t in tiers), reverse=True)
+    # at every distance, speed jumps at least as far as balanced, and balanced as far as fidelity
+    plans = {p: adaptive.plan(p, 20, stored) for p in ("fidelity", "balanced", "speed")}
+
+    def jump(preset, dist):
+        k, tiers = plans[preset]
+        t = adaptive.choose(dist, tiers)
+        return k if t is None else t.value_step
+
+    for dist in np.linspace(0, 1.5, 61):
+        assert jump("speed", dist) >= jump("balanced", dist) >= jump("fidelity", dist), dist
+    assert jump("speed", 0.1) > jump("fidelity", 0.1)
+    with pytest.raises(KBError, match="speed preset"):
+        adaptive.plan("turbo", 20, stored)
+    with pytest.raises(KBError, match="no value step"):
+        adaptive.plan("balanced", 20, (3,))
+
+
+def test_choose_picks_the_farthest_jump_the_distance_allows():
+    tiers = [adaptive.Tier(0.3, 16), adaptive.Tier(0.6, 12)]
+    assert adaptive.choose(0.1, tiers).value_step == 16
+    assert adaptive.choose(0.3, tiers).value_step == 16
+    assert adaptive.choose(0.5, tiers).value_step == 12
+    assert adaptive.choose(0.61, tiers) is None
+
+
+def test_each_item_jumps_by_its_own_distance(tmp_path):
+    lib = Library(tmp_path / "lib")
+    kb = lib.find_or_create(run_fp())
+    stored = kb.fingerprint.stored_steps
+    rng = np.random.default_rng(0)
+    x = {s: rng.normal(size=(2, *SHAPE)).astype(np.float32) for s in stored}
+    d = {s: rng.normal(size=(2, *SHAPE)).astype(np.float32) + 3 for s in stored}
+    kb, _ = lib.append(kb, x, d, [Entry("a", 1), Entry("b", 2)], [item_digest("a", 1, 0), item_digest("b", 2, 0)])
+    opened = lib.open(kb)
+    k, tiers = 3, [adaptive.Tier(0.05, 14), adaptive.Tier(0.5, 8)]
+    key0 = opened.full_keys("denoised", k, [0]).reshape(SHAPE)
+    q = np.stack([key0, key0 * 1.2, -key0 * 5])  # exact, 20% off, far
+    state = KeyState(x=np.zeros((3, *SHAPE), np.float32), denoised=q, eps=np.ones((3, *SHAPE), np.float32))
+    sigmas = list(np.linspace(10, 0, 21))
+    ret = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas)
+    assert ret.value_steps.tolist() == [14, 8, 3]
+    np.testing.assert_allclose(ret.x_start[0], opened.values("denoised", 14, [0])[0] + sigmas[14], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(ret.x_start[2], state.x[2])  # sampled in full from the key step
+    groups = {start: idx.tolist() for start, idx, _ in ret.starts()}
+    assert groups == {3: [2], 8: [1], 14: [0]}
+    lines = adaptive.summary_lines(ret, "balanced", tiers, 20)
+    assert "[0] jumped from step 3 to step 14" in lines[1] and "full sampling from step 3" in "\n".join(lines)
+
+
+def test_an_empty_kb_samples_every_item_in_full():
+    state = KeyState(np.zeros((2, *SHAPE), np.float32), np.zeros((2, *SHAPE), np.float32), np.zeros((2, *SHAPE), np.float32))
+    ret = adaptive.retrieve_adaptive(None, state, 3, [adaptive.Tier(1.0, 10)], [0.0] * 21)
+    assert ret.value_steps.tolist() == [3, 3] and "no trajectory" in ret.reports[0].reason
