@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from kb_tools.storage.commit_log import encode_line
 from kb_tools.storage.disk_format import Fingerprint
 
 SHAPE = (2, 3, 3)
@@ -35,3 +38,17 @@ def fake_run_batch(calls: list | None = None):
         return x, d
 
     return run
+
+
+def rewrite_log(kb_dir, mutate):
+    """Apply mutate(i, obj) to every log line and re-chain the checksums like an attacker would."""
+    lines = [json.loads(x) for x in (kb_dir / "log.jsonl").read_text().splitlines()]
+    out, prev = b"", ""
+    for i, obj in enumerate(lines):
+        mutate(i, obj)
+        obj["prev"] = prev
+        obj.pop("sha")
+        raw = encode_line(obj)
+        prev = json.loads(raw)["sha"]
+        out += raw
+    (kb_dir / "log.jsonl").write_bytes(out)

@@ -16,13 +16,12 @@ from kb_tools.storage import disk_format as kb_format
 from kb_tools.storage import index as kb_index
 from kb_tools.storage import shard as kb_shard
 from kb_tools.storage import writer as kb_writer
-from kb_tools.storage.commit_log import encode_line
 from kb_tools.storage.disk_format import Entry
 from kb_tools.storage.knowledge_base import KnowledgeBase
 from kb_tools.storage.paths import confined_file
 from kb_tools.storage.validate import validate_kb
 
-from .kb_fixtures import fake_run_batch, fingerprint
+from .kb_fixtures import fake_run_batch, fingerprint, rewrite_log
 
 
 @pytest.fixture()
@@ -30,20 +29,6 @@ def kb_dir(tmp_path):
     d = tmp_path / "kb"
     builder.build(d, fingerprint(), [f"p{i}" for i in range(6)], 3, fake_run_batch())
     return d
-
-
-def rewrite_log(kb_dir, mutate):
-    """Apply mutate(i, obj) to every log line and re-chain the checksums like an attacker would."""
-    lines = [json.loads(x) for x in (kb_dir / "log.jsonl").read_text().splitlines()]
-    out, prev = b"", ""
-    for i, obj in enumerate(lines):
-        mutate(i, obj)
-        obj["prev"] = prev
-        obj.pop("sha")
-        raw = encode_line(obj)
-        prev = json.loads(raw)["sha"]
-        out += raw
-    (kb_dir / "log.jsonl").write_bytes(out)
 
 
 def first_query(kb_dir):

@@ -26,7 +26,7 @@ from kb_tools.storage.knowledge_base import KnowledgeBase
 from kb_tools.storage.paths import kb_folder
 from kb_tools.storage.validate import validate_kb
 
-from .kb_fixtures import SHAPE, fake_run_batch, fingerprint
+from .kb_fixtures import SHAPE, fake_run_batch, fingerprint, rewrite_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,20 +48,6 @@ def tree_hashes(d: Path) -> dict[str, str]:
         else:
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def resign(kb_dir: Path, mutate, first: int = 0) -> None:
-    """Apply mutate(i, obj) to the log lines and re-chain every checksum like an attacker would."""
-    lines = [json.loads(x) for x in (kb_dir / "log.jsonl").read_text().splitlines()]
-    out, prev = b"", ""
-    for i, obj in enumerate(lines):
-        mutate(i, obj)
-        obj["prev"] = prev
-        obj.pop("sha")
-        raw = encode_line(obj)
-        prev = json.loads(raw)["sha"]
-        out += raw
-    (kb_dir / "log.jsonl").write_bytes(out)
 
 
 def ivf_kb(tmp_path, monkeypatch, n=400, name="kb"):
@@ -87,7 +73,7 @@ def test_ivf_record_whose_rows_disagree_with_the_kb_is_refused(tmp_path, monkeyp
     centroids, lists = kb_index.load_ivf(d / "ivf_latent_2_400.safetensors", 400, 18)
     save_file({"centroids": centroids, "lists": lists[:150]}, str(d / "ivf_latent_2_150.safetensors"))
     sha = hashlib.sha256((d / "ivf_latent_2_150.safetensors").read_bytes()).hexdigest()
-    resign(d, lambda i, o: o["indexes"].update(latent_2={"file": "ivf_latent_2_150.safetensors", "rows": 150, "sha256": sha}))
+    rewrite_log(d, lambda i, o: o["indexes"].update(latent_2={"file": "ivf_latent_2_150.safetensors", "rows": 150, "sha256": sha}))
     for run in (query, validate_kb, kb_log.read_state):
         with pytest.raises(KBError, match="covers 150 rows, but the line holds 400 entries"):
             run(d)
@@ -106,7 +92,7 @@ def test_faiss_never_sees_lists_shorter_than_the_keys():
 def test_a_float_where_the_log_needs_an_integer_is_refused(kb_dir):
     """Found by the fuzzer: a re-signed shard record with "first": 3.0 (== 3 in Python) reached
     os.pread as a float offset (TypeError)."""
-    resign(kb_dir, lambda i, o: o["shards"][0].update(first=float(o["shards"][0]["first"])) if i == 1 else None)
+    rewrite_log(kb_dir, lambda i, o: o["shards"][0].update(first=float(o["shards"][0]["first"])) if i == 1 else None)
     for run in (query, validate_kb, kb_log.read_state):
         with pytest.raises(KBError, match="starts at row 3.0, expected 3"):
             run(kb_dir)
@@ -141,7 +127,7 @@ def test_validate_checks_the_crc_of_the_last_stored_step(kb_dir):
     data[off] ^= 0x10
     (kb_dir / rec.file).write_bytes(bytes(data))
     sha = hashlib.sha256(bytes(data)).hexdigest()
-    resign(kb_dir, lambda i, o: o["shards"][0].update(sha256=sha) if i == 0 else None)  # only the row crc can tell
+    rewrite_log(kb_dir, lambda i, o: o["shards"][0].update(sha256=sha) if i == 0 else None)  # only the row crc can tell
     with pytest.raises(KBError, match=r"rows \[1\] of d.6 do not match their checksums"):
         validate_kb(kb_dir)
 
@@ -151,7 +137,7 @@ def test_validate_checks_the_crc_of_the_last_stored_step(kb_dir):
 @pytest.mark.parametrize("key", ["latent2", "latent_x", "latent_99", "", "denoised_"])
 def test_hostile_index_keys_are_kb_errors(tmp_path, monkeypatch, key):
     d = ivf_kb(tmp_path, monkeypatch)
-    resign(d, lambda i, o: o["indexes"].update({key: o["indexes"]["latent_2"]}))
+    rewrite_log(d, lambda i, o: o["indexes"].update({key: o["indexes"]["latent_2"]}))
     with pytest.raises(KBError, match="names no reduced key of this KB"):
         validate_kb(d)
 
