@@ -99,7 +99,7 @@ class ReDiKSampler(io.ComfyNode):
             lkb = lib.find_or_create(fp)
             kb = lib.open(lkb)
             if speed == "fixed k/v":
-                speed = "balanced"  # a library KB stores its own steps: the preset picks k and v
+                speed = "fidelity"  # a library KB stores its own steps; fidelity: the preset measured within every quality target (README)
         elif kb is None:
             raise KBError("ReDi KSampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
         else:
@@ -156,7 +156,7 @@ class ReDiKSampler(io.ComfyNode):
 def library_inputs() -> list:
     return [
         io.String.Input("library", default="", optional=True, tooltip="Work from a KB library instead of a connected KB: a folder name under models/redi_kb. For each run it uses the KB that fits the model, sampler, scheduler, steps, cfg, size and negative prompt, and creates an empty one when none does. Empty: use the connected KB (as before)."),
-        io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: balanced)."),
+        io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: fidelity, the preset measured within the quality targets)."),
         io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added."),
         io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
         io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
