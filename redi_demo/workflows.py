@@ -48,6 +48,8 @@ def _builder(prompts: str) -> dict:
 
 
 REDI_OPTS = {"key_step": 4, "value_step": 10, "neighbours": 1, "key_space": "auto", **GUARD_DEFAULTS}
+# ReDi KSampler's optional library inputs at their defaults (a connected KB; the frontend queues every widget)
+CONNECTED_KB = {"library": "", "speed": "fixed k/v", "learn": True, "store_prompt_text": False, "max_trajectories": 5000}
 
 
 def demo_txt2img(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
@@ -68,7 +70,7 @@ def redi_ksampler(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str | No
     g["6"] = _builder(prompts or kb_prompts())
     g["7"] = {"class_type": "ReDiKSampler", "inputs": {
         "model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
-        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "kb": ["6", 0], **REDI_OPTS}}
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "kb": ["6", 0], **REDI_OPTS, **CONNECTED_KB}}
     g.update(_decode_save(["7", 0], "redi_ksampler"))
     return g
 

@@ -58,7 +58,8 @@ def test_unmeasured_names_refused_at_queue_time_with_samplers_that_work(pack, sa
         messages = [nodes[0].ReDiKSampler.validate_inputs(sampler, scheduler), nodes[1].ReDiKBBuilder.validate_inputs(sampler, scheduler)]
     for msg in messages:
         assert isinstance(msg, str), msg
-        assert msg.startswith(f"{what} has not been measured with ReDi"), msg
+        assert msg.startswith(("ReDi KSampler: ", "ReDi KB Builder: ", "ReDi Sampler: ")), msg  # the node's display name
+        assert f": {what} has not been measured with ReDi" in msg, msg
         assert "euler" in msg and "heun" in msg, msg
     assert pack.sampler_problem("euler", "normal") is True
 
