@@ -90,6 +90,15 @@ def accuracy(net: EvalNet, images: np.ndarray, samples: list[dataset.Sample]) ->
     return {k: float((preds[k] == truth[k]).mean()) for k in dataset.ATTRIBUTES}
 
 
+def correct(net: EvalNet, images: np.ndarray, samples: list[dataset.Sample]) -> np.ndarray:
+    """Per image and attribute (in dataset.ATTRIBUTES order): whether the evaluator reads the prompt's value."""
+    if len(images) != len(samples):
+        raise ValueError(f"got {len(images)} images for {len(samples)} prompts; give one image per prompt")
+    preds, _ = predict(net, images)
+    truth = dataset.attribute_array(samples)
+    return np.stack([preds[k] == truth[k] for k in dataset.ATTRIBUTES], axis=1)
+
+
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets."""
     from scipy import linalg

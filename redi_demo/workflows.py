@@ -113,9 +113,9 @@ def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
 
 def _feature_reuse_node(start_percent: float) -> dict:
     return {"class_type": "ReDiFeatureReuse", "inputs": {
-        "model": ["1", 0], "interval": 2, "start_percent": start_percent, "end_percent": 1.0, "blocks": "all",
-        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 0.8,
-        "order": 0, "schedule": "fixed", "threshold": 0.15}}
+        "model": ["1", 0], "interval": 3, "start_percent": start_percent, "end_percent": 1.0, "blocks": "all",
+        "parts": "input,middle,output", "score_mixing": True, "mix_bias": 1.0,
+        "order": 0, "schedule": "adaptive", "threshold": 0.12}}
 
 
 def feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from redi_demo import dataset, evaluator, host  # noqa: E402
+from redi_demo import dataset, evaluator, host, paired_stats  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
 LIBRARY = "learning"
@@ -107,29 +107,6 @@ class Session:
         return res.result[0]["samples"], counter.calls, res.ui["redi_report"], wall
 
 
-def fast_frechet(feats: np.ndarray, mu_r: np.ndarray, sqrt_cr: np.ndarray, tr_cr: float) -> float:
-    """evaluator.frechet_distance against fixed real features, with the real covariance's square root
-    precomputed: tr sqrt(Ca Cr) = tr sqrt(Cr^1/2 Ca Cr^1/2), from a symmetric eigen-decomposition (ms
-    instead of seconds for scipy's sqrtm; the same value up to rounding)."""
-    ca = np.cov(feats, rowvar=False)
-    ev = np.linalg.eigvalsh(sqrt_cr @ ca @ sqrt_cr)
-    return float(((feats.mean(0) - mu_r) ** 2).sum() + np.trace(ca) + tr_cr - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
-
-
-def bootstrap_se(fa: np.ndarray, fb: np.ndarray, real: np.ndarray, reps: int, seed: int) -> float:
-    """Bootstrap standard error of frechet(fa) - frechet(fb), items resampled in pairs."""
-    cr = np.cov(real, rowvar=False)
-    w, v = np.linalg.eigh(cr)
-    sqrt_cr = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    mu_r, tr_cr = real.mean(0), float(np.trace(cr))
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(reps):
-        i = rng.integers(len(fa), size=len(fa))
-        diffs.append(fast_frechet(fa[i], mu_r, sqrt_cr, tr_cr) - fast_frechet(fb[i], mu_r, sqrt_cr, tr_cr))
-    return float(np.std(diffs, ddof=1))
-
-
 def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
     samples = [r["sample"] for r in rows]
     imgs = np.stack([r["img"] for r in rows])
@@ -143,7 +120,8 @@ def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
         "start": start, "end": start + len(rows), "calls_ratio": float(np.mean([r["calls"] / r["full_calls"] for r in rows])),
         "accuracy": float(np.mean(list(acc.values()))), "accuracy_full": float(np.mean(list(acc_full.values()))),
         "frechet": evaluator.frechet_distance(fa, s.real_feats), "frechet_full": evaluator.frechet_distance(fb, s.real_feats),
-        "frechet_se": bootstrap_se(fa, fb, s.real_feats, reps, start), "items": len(rows),
+        "frechet_se": paired_stats.paired_frechet(fa, fb, paired_stats.RealStats.of(s.real_feats),
+                                                  paired_stats.bootstrap_indices(len(rows), reps, start)).se, "items": len(rows),
         "items_below_15db": int((psnr < 15).sum()), "recorded": int(sum(r["recorded"] for r in rows)),
         "jumped": int(sum(r["jumped"] for r in rows)),
         "min_psnr_jumped": float(min(r["psnr"] for r in rows if r["jumped"])) if any(r["jumped"] for r in rows) else None,

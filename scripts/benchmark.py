@@ -35,10 +35,11 @@ from redi_demo.train import init_weights  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
 SEED = 1024
+PER_IMAGE_SEED_BASE = 70000
 
 
 class Bench:
-    def __init__(self, out: Path, queries: int, batch: int) -> None:
+    def __init__(self, out: Path, queries: int, batch: int, prompt_seed: int = 999, seed_base: int = PER_IMAGE_SEED_BASE) -> None:
         host.load_pack()
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
         self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
@@ -56,7 +57,8 @@ class Bench:
         self.negative = [[neg[0], {}]]
         self.rows: list[dict] = []
         self.refs: dict[str, np.ndarray] = {}
-        self.set_queries(dataset.random_samples(queries, 999))
+        self.seed_base = seed_base
+        self.set_queries(dataset.random_samples(queries, prompt_seed))
 
     def set_queries(self, samples: list) -> None:
         """Query prompts; `key_conds` holds their content-only conditionings (Style Split's)."""
@@ -75,7 +77,12 @@ class Bench:
         return (self.vae.decode(latent).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     def _seeds(self, regime: str, i: int, n: int) -> list[int]:
-        return [SEED] * n if regime == "same" else [5000 + i + j for j in range(n)]
+        """"same": every query at the KB's fixed seed (the paper's regime); "new": seeds 5000 + i;
+        "per-image": seeds seed_base + i (an artist's regime: a seed per image, none the KB used)."""
+        if regime == "same":
+            return [SEED] * n
+        base = self.seed_base if regime == "per-image" else 5000
+        return [base + i + j for j in range(n)]
 
     def generate(self, run, regime: str, model=None) -> tuple[np.ndarray, float, int]:
         counter = self.rk.NFECounter()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -40,10 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_report  # noqa: E402
 import benchmark as B  # noqa: E402
 
+from redi_demo import paired_stats  # noqa: E402
+
 STEPS = B.STEPS
-FULL = f"full {STEPS} steps"  # the row benchmark.Bench.record takes as the reference
+FULL = f"full {STEPS} steps"
+DEFAULT_NAME = "FR adaptive i3 o0 mix bias 1.0 thr 0.12"  # the node's defaults
+OLD_DEFAULT_NAME = "FR fixed i2 o0 mix bias 0.8"  # the node's defaults before they were re-tuned at per-image seeds  # the row benchmark.Bench.record takes as the reference
 PARTS = "input,middle,output"
 
 
@@ -63,6 +69,15 @@ def fr_settings() -> list[dict]:
         # do), the last ones reuse features (the detail fewer steps lose)
         (2, "fixed", 0, True, 0.0, 0.0, 0.7), (2, "fixed", 0, True, 0.0, 0.0, 0.8), (2, "fixed", 0, True, 0.0, 0.0, 0.9),
         (2, "fixed", 0, True, 0.0, 0.0, 1.0), (2, "fixed", 1, True, 0.0, 0.0, 0.8),
+        # the adaptive rule with late score mixing: early, a step is skipped (its score reused, as EasyCache
+        # reuses its output change) while EasyCache's change estimate stays under the threshold, never more
+        # than interval - 1 in a row; late, the non-keyframe steps reuse features
+        (3, "adaptive", 0, True, 0.0, 0.1, 0.8), (3, "adaptive", 0, True, 0.0, 0.2, 0.8), (4, "adaptive", 0, True, 0.0, 0.2, 0.8),
+        (4, "adaptive", 0, True, 0.0, 0.3, 0.8), (3, "adaptive", 0, True, 0.15, 0.2, 0.8), (3, "adaptive", 0, False, 0.0, 0.2, 0.5),
+        (2, "fixed", 0, True, 0.15, 0.0, 0.8),
+        (3, "adaptive", 0, True, 0.0, 0.12, 0.8), (3, "adaptive", 0, True, 0.0, 0.14, 0.8), (3, "adaptive", 0, True, 0.0, 0.16, 0.8),
+        (4, "adaptive", 0, True, 0.0, 0.14, 0.8), (3, "adaptive", 0, True, 0.0, 0.14, 0.9), (3, "adaptive", 0, True, 0.0, 0.12, 1.0),
+        (3, "adaptive", 0, True, 0.0, 0.11, 1.0), (3, "adaptive", 0, True, 0.0, 0.13, 1.0),
     ]:
         name = (f"FR {schedule} i{interval} o{order}" + (" mix" if mixing else "") + (f" bias {bias}" if mixing and bias != 0.5 else "")
                 + (f" start {start}" if start else "") + (f" thr {thr}" if schedule == "adaptive" else ""))
@@ -197,7 +212,7 @@ SD15_RUNS = [("euler 10 steps", 10), ("euler 11 steps", 11), ("FR fixed i2 o0 mi
              ("FR fixed i2 o0 mix", STEPS), ("FR fixed i2 o0", STEPS)]
 
 
-def sd15_runs(fr, size: int) -> list[dict]:
+def sd15_runs(fr, size: int, reverse: bool = False) -> list[dict]:
     """Whole runs on the SD1.5-size UNet (random weights): wall and CPU time of each fixed-count
     setting over the full 20-step run's, to check the per-call cost model end to end."""
     import comfy.sample
@@ -211,16 +226,54 @@ def sd15_runs(fr, size: int) -> list[dict]:
         return time.perf_counter() - w0, time.process_time() - c0
 
     timed(patcher, 1)  # warm-up
-    rows = [{"name": FULL, "steps": STEPS}]
-    rows[0]["wall_s"], rows[0]["cpu_s"] = timed(patcher, STEPS)
-    for name, steps in SD15_RUNS:
+    order = [(FULL, STEPS)] + SD15_RUNS
+    rows = {}
+    for name, steps in order[::-1] if reverse else order:  # alternate rounds run in opposite orders: drift cancels
         m = patch_fr(fr, patcher, settings[name]) if name in settings else patcher
         wall, cpu = timed(m, steps)
-        rows.append({"name": name, "steps": steps, "wall_s": wall, "cpu_s": cpu})
+        rows[name] = {"name": name, "steps": steps, "wall_s": wall, "cpu_s": cpu}
+    rows = [rows[name] for name, _ in order]
     for r in rows:
         r["wall_ratio"], r["cpu_ratio"] = r["wall_s"] / rows[0]["wall_s"], r["cpu_s"] / rows[0]["cpu_s"]
         print(f"| {r['name']} | {r['wall_s']:.1f} | {r['wall_ratio']:.3f} | {r['cpu_ratio']:.3f} |", flush=True)
     return rows
+
+
+def _spread(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+
+
+def median_times(rounds: list[dict]) -> dict:
+    """Per-call times over several rounds: the median of each kind, and each kind's spread under `spread`."""
+    out = {"size": rounds[0]["size"], "rounds": len(rounds), "loadavg": os.getloadavg(), "orders": {}, "spread": {}}
+    for key in ("full", "overhead_per_step", "jump"):
+        out["spread"][key] = _spread([r[key] for r in rounds])
+        out[key] = out["spread"][key]["median"]
+    for o in rounds[0]["orders"]:
+        out["orders"][o] = {}
+        for key in ("key", "reuse", "jump"):
+            sp = _spread([r["orders"][o][key] for r in rounds])
+            out["spread"][f"order {o} {key}"] = sp
+            out["orders"][o][key] = sp["median"]
+    # the ratios the cost model uses, per round (load that hits a whole round cancels in a ratio)
+    out["spread"]["key / full"] = _spread([r["orders"][0]["key"] / r["full"] for r in rounds])
+    out["spread"]["reuse / key"] = _spread([r["orders"][0]["reuse"] / r["orders"][0]["key"] for r in rounds])
+    return out
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Whole-run timings over several rounds: each setting's median wall and CPU ratio to the full run of its round."""
+    out = []
+    for i, r in enumerate(rounds[0]):
+        walls = [rd[i]["wall_s"] / rd[0]["wall_s"] for rd in rounds]
+        cpus = [rd[i]["cpu_s"] / rd[0]["cpu_s"] for rd in rounds]
+        out.append({"name": r["name"], "steps": r["steps"], "wall_s": float(np.median([rd[i]["wall_s"] for rd in rounds])),
+                    "wall_ratio": _spread(walls)["median"], "cpu_ratio": _spread(cpus)["median"],
+                    "wall_ratio_spread": _spread(walls), "cpu_ratio_spread": _spread(cpus)})
+        print(f"| {r['name']} | {out[-1]['wall_s']:.1f} | {out[-1]['wall_ratio']:.3f} ({min(walls):.3f}-{max(walls):.3f}) | "
+              f"{out[-1]['cpu_ratio']:.3f} |", flush=True)
+    return out
 
 
 def sd15_cost(row: dict, t: dict, per_run: float) -> float:
@@ -266,8 +319,17 @@ def main() -> None:
     ap.add_argument("--sd15-orders", default="0,1,2", help="with --sd15-only: the FeatureReuse orders to time (others are kept from an existing file)")
     ap.add_argument("--sd15-runs", default="", help="time whole 20-step runs of a few fixed-count settings on the SD1.5-size UNet "
                     "and write them to this JSON (checks the per-call cost model end to end)")
+    ap.add_argument("--sd15-rounds", type=int, default=5, help="with --sd15-only / --sd15-runs: repeat the timings this many rounds "
+                    "(alternating the settings' order) and keep the median of each, with its spread")
     ap.add_argument("--only", default="", help="run only these rows (names separated by |; the full baseline always runs)")
-    ap.add_argument("--paired", default="", help="also compare this row's per-image PSNR with every other row's, paired over the same images")
+    ap.add_argument("--paired", default=DEFAULT_NAME, help="compare these rows (names separated by |) with every other row, paired "
+                    "over the same images (PSNR, Frechet, accuracy, each with its standard error)")
+    ap.add_argument("--seeds", choices=("per-image", "fixed"), default="per-image",
+                    help="per-image: query i at seed SEED_BASE + i (the artist's regime, the default); fixed: every query at the "
+                    "KB's seed 1024 (the ReDi paper's regime, for comparison with it)")
+    ap.add_argument("--seed-base", type=int, default=B.PER_IMAGE_SEED_BASE)
+    ap.add_argument("--prompt-seed", type=int, default=999, help="which random prompts of the demo grammar the queries are")
+    ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the Frechet standard errors")
     ap.add_argument("--fr-slice", default=":", help="run only these FeatureReuse settings of the list, as a Python slice (e.g. 0:8)")
     args = ap.parse_args()
     if args.queries % args.batch:
@@ -277,8 +339,11 @@ def main() -> None:
         from redi_demo import host
 
         host.load_pack()
-        runs = sd15_runs(importlib.import_module("redi_accelerate.nodes.feature_reuse"), args.sd15_size)
-        Path(args.sd15_runs).write_text(json.dumps({"size": args.sd15_size, "machine": platform.platform(), "threads": 1, "rows": runs}, indent=1))
+        fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
+        rounds = [sd15_runs(fr, args.sd15_size, reverse=bool(i % 2)) for i in range(args.sd15_rounds)]
+        runs = median_rows(rounds)
+        Path(args.sd15_runs).write_text(json.dumps({"size": args.sd15_size, "machine": platform.platform(), "threads": 1, "rounds": rounds,
+                                                    "loadavg": os.getloadavg(), "rows": runs}, indent=1))
         return
     if args.sd15_only:
         from redi_demo import host
@@ -290,7 +355,12 @@ def main() -> None:
         if known:
             known["orders"] = {int(k): v for k, v in known["orders"].items()}
         orders = tuple(int(o) for o in args.sd15_orders.split(","))
-        times = sd15_call_times(importlib.import_module("redi_accelerate.nodes.feature_reuse"), args.sd15_size, orders, known)
+        fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
+        if known:
+            times = sd15_call_times(fr, args.sd15_size, orders, known)
+        else:
+            rounds = [sd15_call_times(fr, args.sd15_size, orders[::-1] if i % 2 else orders) for i in range(args.sd15_rounds)]
+            times = median_times(rounds)
         tmp.write_text(json.dumps(times, indent=1))
         tmp.replace(args.sd15_only)
         return
@@ -299,14 +369,24 @@ def main() -> None:
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = runs[0]["rows"][:1] + [r for run in runs for r in run["rows"] if r["name"] != FULL]
+        feats = {}
+        for f in args.merge:
+            with np.load(Path(f).with_name("features.npz")) as z:
+                feats.update({k: z[k] for k in z.files})
         times = json.loads(Path(args.sd15_times).read_text()) if args.sd15_times else runs[0]["sd15_call_times"]
         times["orders"] = {int(k): v for k, v in times["orders"].items()}
         for r in rows:
             r["sd15_cost"] = sd15_cost(r, times, runs[0]["args"]["queries"] // runs[0]["args"]["batch"])
-        write(rows, times, args, out, note=f"merged from {len(runs)} runs, each against its own full baseline (the same queries)")
+        for key in ("seeds", "seed_base", "prompt_seed", "queries", "batch", "kb_size"):
+            setattr(args, key, runs[0]["args"][key])
+        real, _ = B.evaluator.real_images(max(args.queries, 1000), 31337)
+        write(rows, times, args, out, feats, B.evaluator.predict(B.evaluator.load(), real)[1],
+              note=f"Merged from {len(runs)} runs, each against its own full baseline (the same queries and seeds).")
         return
     groups = set(args.groups.split(","))
-    b = B.Bench(out, args.queries, args.batch)
+    b = B.Bench(out, args.queries, args.batch, prompt_seed=args.prompt_seed, seed_base=args.seed_base)
+    regime = "per-image" if args.seeds == "per-image" else "same"
+    feats: dict[str, np.ndarray] = {}
     fr = b.fr
     from comfy_extras.nodes_easycache import EasyCacheNode
 
@@ -330,13 +410,16 @@ def main() -> None:
         acct = Accounting(state)
         m = acct.attach(model)
         c0 = time.process_time()
-        imgs, wall, nfe = b.generate(sampler or b.full(steps), "same", model=m)
+        imgs, wall, nfe = b.generate(sampler or b.full(steps), regime, model=m)
         cpu = time.process_time() - c0
         if name == FULL:
-            b.refs["same"] = imgs
-        row = b.record(group, name, imgs, wall, nfe, "same", "same")
+            b.refs[regime] = imgs
+        row = b.record(group, name, imgs, wall, nfe, regime, regime)
         row.update(cpu_s=cpu, net_calls=acct.net_calls, steps_per_run=steps, runs=acct.runs, **{k: v for k, v in extra.items() if k != "fr"})
-        row["psnr_items"] = [float(p) for p in B.evaluator.psnr(imgs, b.refs["same"])]  # for paired comparisons
+        # per image, for the standard errors and paired comparisons
+        row["psnr_items"] = [float(p) for p in B.evaluator.psnr(imgs, b.refs[regime])]
+        row["correct"] = B.evaluator.correct(b.net, imgs, b.samples).tolist()
+        feats[name] = B.evaluator.predict(b.net, imgs)[1]
         if state is not None:
             row["fr_kinds"] = dict(acct.kinds)
             total, per_module = demo_flops
@@ -353,23 +436,27 @@ def main() -> None:
         run("fewer steps", f"euler {n} steps", b.model, steps=n)
     # EasyCache on fewer steps too: FeatureReuse's score mixing skips whole steps early, so the fair rival
     # of a mixing setting includes EasyCache on a shorter schedule
-    for thr, n in ((0.1, STEPS), (0.15, STEPS), (0.2, STEPS), (0.3, STEPS), (0.1, 16), (0.1, 14)) if "easycache" in groups else ():
+    for thr, n in ((0.1, STEPS), (0.12, STEPS), (0.15, STEPS), (0.2, STEPS), (0.3, STEPS), (0.1, 16), (0.1, 14)) if "easycache" in groups else ():
         run("EasyCache", f"EasyCache {thr}" + (f", {n} steps" if n != STEPS else ""),
             EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0], steps=n)
     lo, hi = (int(v) if v else None for v in args.fr_slice.split(":"))
     for s in fr_settings()[lo:hi] if "fr" in groups else ():
         run(f"FR order {s['order']}", s["name"], patch_fr(fr, b.model, s), fr=True, order=s["order"], setting=s)
     if args.kb_size and "redi" in groups:
-        kb = b.build_kb(f"fixed_{args.kb_size}_k2", args.kb_size, "fixed", steps=(2, 3, 4, 10, 14))
+        kb = b.build_kb(f"fixed_{args.kb_size}_v12", args.kb_size, "fixed", steps=(2, 3, 4, 10, 12, 14))
+        space = "latent" if regime == "same" else "denoised"  # at new seeds only the denoised keys match
         # start 0.25: no reuse in the key phase, whose latent must stay on the KB's trajectory (the KB is built
         # without FeatureReuse); the percent is a noise level, so it means the same in the key phase and the finish
         fr_i2 = {st: {"name": f"i2 o0 mix start {st}", "interval": 2, "schedule": "fixed", "order": 0, "mixing": True, "start": st,
                       "threshold": 0.0} for st in (0.0, 0.25)}
-        for k, v, starts in ((4, 10, (0.0, 0.25)), (3, 14, (0.0, 0.25)), (2, 14, (0.25,))):
-            run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, "latent"))
-            for s in (fr_i2[st] for st in starts):
+        fr_default = {**next(s for s in fr_settings() if s["name"] == DEFAULT_NAME), "start": 0.25}
+        fr_default["name"] = "default start 0.25"
+        for k, v, settings in ((4, 10, (fr_i2[0.0], fr_i2[0.25], fr_default)), (3, 12, (fr_default,)), (2, 12, (fr_default,)),
+                               (3, 14, (fr_i2[0.0], fr_i2[0.25], fr_default)), (2, 14, (fr_i2[0.25], fr_default))):
+            run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, space))
+            for s in settings:
                 run("ReDi+FR", f"ReDi k={k} v={v} + FR {s['name']}", patch_fr(fr, b.model, s), steps=STEPS - v + k,
-                    sampler=b.redi(kb, k, v, 1, "latent"), fr=True, order=0, setting=s)
+                    sampler=b.redi(kb, k, v, 1, space), fr=True, order=0, setting=s)
     print(f"demo-model runs: {time.time() - t0:.0f}s", flush=True)
 
     if args.sd15_times:
@@ -383,17 +470,15 @@ def main() -> None:
         r["cpu_ratio"] = r["cpu_s"] / rows[0]["cpu_s"]
         r["sd15_cost"] = sd15_cost(r, times, per_run)
         r["flops_sd15"] = sd15_flops_fraction(r, sd15_flops, sd15_slots, per_run)
-    write(rows, times, args, out)
+    write(rows, times, args, out, feats, b.real_feats)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| group | setting | UNet FLOPs run, demo | UNet FLOPs run, SD1.5 | demo CPU (x full) | demo wall (x full) | "
-             "SD1.5-size cost (x full) | acc mean | Frechet | PSNR dB |", "|" + "---|" * 10]
+def cost_table(rows: list[dict]) -> str:
+    lines = ["| group | setting | UNet FLOPs run, demo | UNet FLOPs run, SD1.5 | demo CPU (x full) | demo wall (x full) | SD1.5-size cost (x full) |",
+             "|" + "---|" * 7]
     for r in rows:
         lines.append(f"| {r['group']} | {r['name']} | {r['flops_demo']:.2f} | {r['flops_sd15']:.2f} | {r['cpu_ratio']:.2f} | "
-                     f"{r['wall_ratio']:.2f} | {r['sd15_cost']:.2f} | {r['acc_mean']:.3f} | {r['frechet']:.2f} | "
-                     f"{r['psnr']:.1f} |" if r["name"] != FULL else
-                     f"| {r['group']} | full {STEPS} steps | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | {r['acc_mean']:.3f} | {r['frechet']:.2f} | - |")
+                     f"{r['wall_ratio']:.2f} | {r['sd15_cost']:.3f} |")
     return "\n".join(lines)
 
 
@@ -407,39 +492,30 @@ def pareto(rows: list[dict], key: str, lower_is_better: bool) -> list[dict]:
     return front
 
 
-def paired_table(rows: list[dict], name: str) -> str:
-    """Per-image PSNR of row `name` minus each other row's, over the same images: mean, its
-    standard error, and the share of images where `name` is closer to the full run."""
-    ref = next((r for r in rows if r["name"] == name and r.get("psnr_items")), None)
-    if ref is None:
-        return f"(no per-image PSNR for {name!r}: run it with this version of the script)"
-    a = np.array(ref["psnr_items"])
-    lines = [f"Paired PSNR, {name} minus each row (same images):", "", "| row | SD1.5-size cost | mean dB | standard error | images closer |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        if r is ref or r["name"] == FULL or len(r.get("psnr_items") or []) != len(a):
-            continue
-        d = a - np.array(r["psnr_items"])
-        lines.append(f"| {r['name']} | {r['sd15_cost']:.3f} | {d.mean():+.2f} | {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {(d > 0).mean():.0%} |")
-    return "\n".join(lines)
-
-
-def write(rows: list[dict], times: dict, args, out: Path, note: str = "") -> None:
+def write(rows: list[dict], times: dict, args, out: Path, feats: dict[str, np.ndarray], real_feats: np.ndarray, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md = table(rows)
+    real = paired_stats.RealStats.of(real_feats)
+    idx = paired_stats.bootstrap_indices(len(rows[0]["psnr_items"]), args.bootstrap, seed=0)
+    bench_report.summarize(rows, feats, real, idx, FULL)
+    seeds = (f"a seed per image ({args.seed_base} + i)" if args.seeds == "per-image" else f"every query at the KB's fixed seed {B.SEED}")
+    md = (f"{args.queries} queries (prompts of seed {args.prompt_seed}, batch {args.batch}), {seeds}, euler {STEPS} steps, cfg {B.CFG}; "
+          f"KB of {args.kb_size} for the ReDi rows. Every figure: value ± standard error over images (Frechet: bootstrap, "
+          f"{args.bootstrap} resamples); differences are paired with the full run over the same images. {note}\n\n")
+    md += bench_report.table(rows, FULL) + "\n\n" + cost_table(rows)
     t = times
-    md += (f"\n\nSD1.5-size UNet ({t['size']}x{t['size']}, random weights, one torch thread, CPU seconds per call, batch 2 = cond + uncond): "
+    md += (f"\n\nSD1.5-size UNet ({t['size']}x{t['size']}, random weights, one torch thread, CPU seconds per call, batch 2 = cond + uncond"
+           + (f", median of {t['rounds']} alternating rounds" if t.get("rounds") else "") + "): "
            f"full {t['full']:.2f}, sampler overhead per step {t['overhead_per_step']:.3f}; "
            + "; ".join(f"FR order {o}: keyframe {v['key']:.2f}, reuse {v['reuse']:.2f}, jump {v['jump']:.4f}" for o, v in t["orders"].items()))
-    md += f"\n\n{args.queries} queries (batch {args.batch}), euler {STEPS} steps, cfg {B.CFG}, the KB's fixed seed; KB of {args.kb_size} for the ReDi rows. {note}"
-    if args.paired:
-        md += "\n\n" + paired_table(rows, args.paired)
+    for name in filter(None, args.paired.split("|")):
+        md += "\n\n" + bench_report.paired_table(rows, feats, real, idx, name, FULL)
     print("\n" + md)
     (out / "results.md").write_text(md + "\n")
+    np.savez_compressed(out / "features.npz", **feats)
     (out / "results.json").write_text(json.dumps({"rows": rows, "sd15_call_times": times, "machine": platform.platform(),
                                                   "threads": torch.get_num_threads(), "args": vars(args)}, indent=1, default=str))
     colours = {"baseline": "black", "fewer steps": "tab:gray", "EasyCache": "tab:green", "FR order 0": "tab:orange",
