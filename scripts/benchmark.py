@@ -204,7 +204,7 @@ def sd15_speed(fr_module, steps: int = 8, size: int = 256) -> list[dict]:
 
     rows = [{"name": "unpatched", "seconds": timed(patcher)}]
     for interval, mixing in ((2, False), (2, True), (3, True)):
-        m = fr_module.ReDiFeatureReuse.execute(patcher, interval, 0.0, 1.0, "all", "input,middle,output", mixing, 0.5).result[0]
+        m = fr_module.ReDiFeatureReuse.execute(patcher, interval, 0.0, 1.0, "all", "input,middle,output", mixing, 0.5, 0, "fixed").result[0]
         rows.append({"name": f"FeatureReuse interval {interval}, mixing {'on' if mixing else 'off'}", "seconds": timed(m)})
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
@@ -308,7 +308,7 @@ def main() -> None:
     b.record("ReDi seeds", "ReDi k=4 v=10, denoised keys", imgs, wall, nfe, "same", "same")
 
     for interval, mixing in ((2, False), (2, True), (3, True), (4, True)):
-        m = b.fr.ReDiFeatureReuse.execute(b.model, interval, 0.0, 1.0, "all", "input,middle,output", mixing, 0.5).result[0]
+        m = b.fr.ReDiFeatureReuse.execute(b.model, interval, 0.0, 1.0, "all", "input,middle,output", mixing, 0.5, 0, "fixed").result[0]
         imgs, wall, nfe = b.generate(b.full(STEPS), "same", model=m)
         b.record("FeatureReuse", f"FR interval {interval}, mixing {'on' if mixing else 'off'}", imgs, wall, nfe, "same", "same")
     from comfy_extras.nodes_easycache import EasyCacheNode
@@ -317,7 +317,7 @@ def main() -> None:
         m = EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0]
         imgs, wall, nfe = b.generate(b.full(STEPS), "same", model=m)
         b.record("EasyCache", f"EasyCache threshold {thr}", imgs, wall, nfe, "same", "same")
-    m = b.fr.ReDiFeatureReuse.execute(b.model, 2, 0.0, 1.0, "all", "input,middle,output", True, 0.5).result[0]
+    m = b.fr.ReDiFeatureReuse.execute(b.model, 2, 0.0, 1.0, "all", "input,middle,output", True, 0.5, 0, "fixed").result[0]
     imgs, wall, nfe = b.generate(b.redi(kb, 4, 10, 1, "latent"), "same", model=m)
     b.record("ReDi+FR", "ReDi k=4 v=10 + FR interval 2", imgs, wall, nfe, "same", "same")
 

@@ -27,7 +27,7 @@ def env():
         return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 1), steps, 6.0, sampler, "normal", pos, neg, lat, disable_pbar=True)
 
     def patch(m, interval=2, mixing=True, blocks="all"):
-        return fr.ReDiFeatureReuse.execute(m, interval, 0.0, 1.0, blocks, "input,middle,output", mixing, 0.5).result[0]
+        return fr.ReDiFeatureReuse.execute(m, interval, 0.0, 1.0, blocks, "input,middle,output", mixing, 0.5, 0, "fixed").result[0]
 
     return model, run, patch, clip
 
