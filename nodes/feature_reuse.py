@@ -76,6 +76,10 @@ class _Wrappers:
         self.t_max = float(model_sampling.timestep(model_sampling.sigma_max))
         self.model_sampling = model_sampling
         self.report_node: str | None = None  # the node that shows the report after sampling
+        # every sampling pass of the prompt being executed (a ReDi KSampler's key phase and finish,
+        # the passes of a two-pass graph), reported together; a new prompt starts a new list
+        self.prompt_id: str | None = None
+        self.passes: list[dict] = []
 
     def outer_sample(self, executor, *args, **kwargs):
         guider = getattr(executor, "class_obj", None)
@@ -97,10 +101,11 @@ class _Wrappers:
                     "[ReDi FeatureReuse] %d UNet calls: %d keyframes, %d with reused blocks, %d jumps (no network call); blocks reused %s",
                     total, c["key"], c["reuse"], c["jump"], dict(st.skipped),
                 )
-                kb_types.send_report(self.report_node, [
-                    f"{total} UNet calls: {c['key']} full keyframes, {c['reuse']} with reused blocks,",
-                    f"{c['jump']} answered from the cached score (no network call)",
-                ])
+                pid = kb_types.current_prompt_id()
+                if pid is None or pid != self.prompt_id:
+                    self.prompt_id, self.passes = pid, []
+                self.passes.append(dict(c))
+                kb_types.send_report(self.report_node, report_lines(self.passes))
             self.state.drop_caches()
 
     def diffusion_model(self, executor, x, timesteps, *args, **kwargs):
@@ -118,6 +123,20 @@ class _Wrappers:
             return self.state.keyframe_score().clone()
         out = executor(x, timesteps, *args, **kwargs)
         return self.state.end_call(out)
+
+
+def report_lines(passes: list[dict]) -> list[str]:
+    """FeatureReuse's report: the UNet calls of every sampling pass of one prompt (a ReDi KSampler's
+    key phase and finish, both passes of a two-pass graph), their sum first."""
+    total = {k: sum(p[k] for p in passes) for k in ("key", "reuse", "jump")}
+    n = sum(total.values())
+    head = f"{n} UNet calls" + (f" in {len(passes)} sampling passes" if len(passes) > 1 else "")
+    lines = [f"{head}: {total['key']} full keyframes, {total['reuse']} with reused blocks,",
+             f"{total['jump']} answered from the cached score (no network call)"]
+    if len(passes) > 1:
+        lines += [f"pass {i}: {sum(p.values())} calls ({p['key']} keyframes, {p['reuse']} reused, {p['jump']} cached score)"
+                  for i, p in enumerate(passes, 1)]
+    return lines
 
 
 class ReDiFeatureReuse(io.ComfyNode):

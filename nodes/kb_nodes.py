@@ -104,12 +104,32 @@ class ReDiKBBuilder(io.ComfyNode):
         prompt_list = read_prompts(prompts, prompts_file)
         path = kb_types.kb_path_for_write(kb_name)
         pbar = comfy.utils.ProgressBar(max(1, len(prompt_list) * steps))
-        manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
-                            batch_size, seed_mode, seed, stored,
-                            step_progress=lambda done, total: pbar.update_absolute(done, max(1, total)))
+        resumed: list[str] = []
+        announced: list[bool] = []
+
+        def step_progress(done: int, total: int) -> None:
+            if not announced:  # the first call comes once the KB's folder exists: every KB Loader may list it now
+                announced.append(True)
+                kb_types.send_kb_list()
+            pbar.update_absolute(done, max(1, total))
+
+        try:
+            manifest = build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height,
+                                batch_size, seed_mode, seed, stored, step_progress=step_progress,
+                                resumed=lambda n, total: resumed.append(resumed_line(n, total)))
+        finally:
+            kb_types.send_kb_list()
         kb = KnowledgeBase.open(path)
-        lines = [f"KB {kb.name}: {manifest.count} trajectories", f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
+        lines = [f"KB {kb.name}: {manifest.count} trajectories", *resumed,
+                 f"stored steps {list(stored)}, {sampler_name}/{scheduler}, {steps} steps, cfg {cfg}"]
         return io.NodeOutput(kb, ui=kb_types.report(lines))
+
+
+def resumed_line(stored: int, total: int) -> str:
+    """The builder's report line when a build finds the first `stored` of its `total` prompts already in the KB."""
+    if stored >= total:
+        return f"already complete: {stored} of {total} trajectories stored, nothing sampled"
+    return f"resumed: {stored} of {total} trajectories already stored, {total - stored} sampled now"
 
 
 class StepProgress:
@@ -140,9 +160,11 @@ class StepProgress:
 
 def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, steps, cfg, width, height, batch_size,
              seed_mode, seed, stored, progress=lambda done, total: None, step_progress=None, dtype="float16",
-             refuse_unsupported: bool = True):
+             refuse_unsupported: bool = True, resumed=lambda stored, total: None):
     """The one build path, for the node and for `python -m kb_tools build`. `progress(trajectories done,
-    total)` is called per finished batch; `step_progress(steps done, total)` per sampling step."""
+    total)` is called per finished batch; `step_progress(steps done, total)` per sampling step (both
+    count the trajectories a resumed build finds stored); `resumed(stored, total)` once when a build
+    resumes. The KB's manifest keeps the negative prompt's text (the KB Loader shows it)."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
     comfy_adapter.check_sampler(sampler_name, scheduler)
@@ -180,7 +202,48 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
         return phases.trajectory(cond, latent, comfy_adapter.noise_for(latent, seeds), seeds, stored)
 
     return builder.build(path, fp, prompt_list, batch_size, run_batch, progress=on_batch,
-                         check_interrupt=comfy_adapter.check_interrupt, dtype=dtype)
+                         check_interrupt=comfy_adapter.check_interrupt, dtype=dtype, resumed=resumed, negative_prompt=negative)
+
+
+def _quoted(text: str, limit: int = 300) -> str:
+    text = text.replace("\n", " ")
+    return '"' + (text if len(text) <= limit else text[:limit] + "...") + '"'
+
+
+def _sampling_line(signature: str) -> str:
+    """The model's sampling as the fingerprint records it, without its sigma table sample."""
+    if not signature:
+        return "sampling: not recorded (a KB built before it was fingerprinted)"
+    return "sampling: " + "; ".join(p for p in signature.split("; ") if not p.startswith("sigmas="))
+
+
+def _negative_cond_line(signature: str) -> str:
+    if not signature:
+        return "negative conditioning: not recorded"
+    shape, _, rest = signature.partition(":")
+    rms = rest.rpartition(";")[2]
+    return f"negative conditioning: {shape} tokens x dims, rms {rms}" if rms and shape else f"negative conditioning: {signature[:40]}"
+
+
+def loader_report(kb) -> list[str]:
+    """Every setting the KB's fingerprint holds (what a run must match), for the KB Loader's report."""
+    fp = kb.fingerprint
+    h, w = fp.latent_shape[1] * 8, fp.latent_shape[2] * 8
+    negative = kb.header.negative_prompt
+    if negative is not None:
+        neg = f"negative prompt: {_quoted(negative)}" if negative.strip() else "negative prompt: empty"
+    elif fp.negative_hash:
+        neg = f"negative prompt: hash {fp.negative_hash[:12]} (its text is not stored in this KB: built before the text was kept)"
+    else:
+        neg = "negative prompt: text not recorded (runs are matched by the negative conditioning below)"
+    return [
+        f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)} ({w}x{h} image)",
+        f"{fp.sampler}/{fp.scheduler}, {fp.steps} steps, cfg {fp.cfg}, stored steps {list(fp.stored_steps)}, seed {fp.seed_mode} {fp.seed}",
+        f"model {fp.model_name} (hash {fp.model_hash[:12]})",
+        _sampling_line(fp.sampling),
+        neg,
+        _negative_cond_line(fp.negative_cond),
+    ]
 
 
 class ReDiKBLoader(io.ComfyNode):
@@ -192,7 +255,7 @@ class ReDiKBLoader(io.ComfyNode):
             category="ReDi/knowledge base",
             description="Opens a knowledge base from models/redi_kb (reads its manifest and log only; every stored row is checked against its checksum when a query reads it; `python -m kb_tools validate` checks everything).",
             inputs=[
-                io.Combo.Input("kb_name", options=kb_types.list_kbs(), tooltip="A knowledge base under models/redi_kb (press R to refresh the list after building one)."),
+                io.Combo.Input("kb_name", options=kb_types.list_kbs(), tooltip="A knowledge base under models/redi_kb. The list follows the server: a KB built while ComfyUI runs appears by itself."),
             ],
             outputs=[kb_types.KBType.Output(display_name="kb", tooltip="The knowledge base, for ReDi KSampler or ReDi Sampler.")],
         )
@@ -200,14 +263,7 @@ class ReDiKBLoader(io.ComfyNode):
     @classmethod
     def execute(cls, kb_name) -> io.NodeOutput:
         kb = KnowledgeBase.open(kb_types.kb_path_for_read(kb_name))
-        fp = kb.fingerprint
-        h, w = fp.latent_shape[1] * 8, fp.latent_shape[2] * 8
-        lines = [
-            f"KB {kb.name}: {len(kb)} trajectories, latent {list(fp.latent_shape)} ({w}x{h} image)",
-            f"{fp.sampler}/{fp.scheduler}, {fp.steps} steps, cfg {fp.cfg}, stored steps {list(fp.stored_steps)}, seed {fp.seed_mode} {fp.seed}",
-            f"model {fp.model_name} (hash {fp.model_hash[:12]}), negative prompt hash {fp.negative_hash[:12] or 'not recorded'}",
-        ]
-        return io.NodeOutput(kb, ui=kb_types.report(lines))
+        return io.NodeOutput(kb, ui=kb_types.report(loader_report(kb)))
 
     @classmethod
     def fingerprint_inputs(cls, kb_name):

@@ -1,6 +1,7 @@
 """The pack's HTTP routes on a ComfyUI server, used by `python -m kb_tools build --workers`:
 
     GET  /redi/info                pack and KB format version
+    GET  /redi/kbs                 the KB names the ReDi KB Loader lists (web/redi.js keeps its lists current)
     GET  /redi/kb/NAME/FILE        read-only: a file a KB's manifest lists (kb_tools.distributed.serve decides)
     POST /redi/kb/units/release    delete unit KBs of distributed builds once the coordinator has them
 """
@@ -37,6 +38,11 @@ def register() -> None:
     @routes.get("/redi/info")
     async def redi_info(request: web.Request) -> web.Response:
         return web.json_response({"pack": "ComfyUI-ReDi-Accelerate", "pack_version": PACK_VERSION, "kb_format_version": FORMAT_VERSION})
+
+    @routes.get("/redi/kbs")
+    async def redi_kbs(request: web.Request) -> web.Response:
+        names = await asyncio.get_running_loop().run_in_executor(None, kb_types.list_kbs)
+        return web.json_response({"kbs": names}, headers={"Cache-Control": "no-store"})
 
     @routes.get("/redi/kb/{kb}/{file}")
     async def redi_kb_file(request: web.Request) -> web.StreamResponse:

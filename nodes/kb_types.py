@@ -27,30 +27,52 @@ def kb_roots() -> list[str]:
     return folder_paths.get_folder_paths(KB_FOLDER)
 
 
+def _is_kb(path: str) -> bool:
+    return not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
 def list_kbs() -> list[str]:
+    """The KBs under models/redi_kb: NAME for a KB folder there, LIBRARY/NAME for a KB of a KB library
+    (a folder of KBs that ReDi KSampler's `library` and ReDi Record fill)."""
     names = set()
     for root in kb_roots():
-        if os.path.isdir(root):
-            names.update(d for d in os.listdir(root) if not os.path.islink(os.path.join(root, d))
-                         and os.path.isfile(os.path.join(root, d, MANIFEST)))
+        if not os.path.isdir(root):
+            continue
+        for d in os.listdir(root):
+            path = os.path.join(root, d)
+            if not NAME_RE.match(d) or os.path.islink(path) or not os.path.isdir(path):
+                continue
+            if os.path.isfile(os.path.join(path, MANIFEST)):
+                names.add(d)
+            else:  # a library: its KBs, one level down
+                names.update(f"{d}/{k}" for k in os.listdir(path) if NAME_RE.match(k) and _is_kb(os.path.join(path, k)))
     return sorted(names)
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, library: bool = False) -> str:
+    """A KB name: one plain folder name, or (`library`) LIBRARY/NAME, two of them."""
     name = name.strip()
-    if not NAME_RE.match(name):
-        raise KBError(f"KB name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
+    parts = name.split("/") if library else [name]
+    if len(parts) > 2 or not all(NAME_RE.match(p) for p in parts):
+        raise KBError(f"KB name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+                      + (" (or LIBRARY/NAME for a KB of a library)" if library else ""))
     return name
 
 
 def kb_path_for_read(name: str) -> str:
-    name = check_name(name)
+    name = check_name(name, library=True)
+    lib, _, kb = name.rpartition("/")
     for root in kb_roots():
-        p = os.path.join(root, name)
+        base = root
+        if lib:
+            if not os.path.isdir(os.path.join(root, lib)):
+                continue
+            base = kb_folder(root, lib)  # refuses a linked library folder, or one that resolves outside the root
+        p = os.path.join(base, kb)
         if os.path.lexists(p) and os.path.isfile(os.path.join(p, MANIFEST)):
-            return kb_folder(root, name)  # refuses a linked folder, or one that resolves outside the root
+            return kb_folder(base, kb)  # refuses a linked folder, or one that resolves outside the root
     raise KBError(f"no knowledge base named {name!r} in models/redi_kb; build it with the ReDi KB Builder node first "
-                  "(template 2 of this pack builds demo_shapes_kb), then press R so that the KB Loader lists it")
+                  "(template 2 of this pack builds demo_shapes_kb); the KB Loader lists it as soon as its build starts")
 
 
 def kb_path_for_write(name: str) -> str:
@@ -76,6 +98,24 @@ def send_report(node_id: str | None, lines: list[str]) -> None:
     server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
     if server is not None:
         server.send_sync("redi.report", {"node": node_id, "lines": list(lines)}, server.client_id)
+
+
+def send_kb_list() -> None:
+    """Tell every open frontend which KBs exist now (web/redi.js updates each ReDi KB Loader's list)."""
+    server_module = sys.modules.get("server")
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    if server is not None:
+        try:
+            server.send_sync("redi.kbs", {"kbs": list_kbs()})  # no client id: to every client
+        except Exception:  # a list the frontend misses is fetched again by its poll (GET /redi/kbs)
+            pass
+
+
+def current_prompt_id() -> str | None:
+    """The id of the prompt the server is executing (None outside a ComfyUI server)."""
+    server_module = sys.modules.get("server")
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    return getattr(server, "last_prompt_id", None) if server is not None else None
 
 
 def node_id_of(node_cls) -> str | None:

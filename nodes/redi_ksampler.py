@@ -97,6 +97,8 @@ class ReDiKSampler(io.ComfyNode):
             fp = recording.run_fingerprint(model, tuple(latent.shape), sampler_name, scheduler, steps, cfg, negative)
             comfy_adapter.check_sampler(sampler_name, scheduler)
             lkb = lib.find_or_create(fp)
+            if lkb.count == 0:  # a new (or still empty) library KB: every KB Loader may list it now
+                kb_types.send_kb_list()
             kb = lib.open(lkb)
             if speed == "fixed k/v":
                 speed = "fidelity"  # a library KB stores its own steps; fidelity: the preset measured within every quality target (README)

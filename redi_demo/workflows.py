@@ -187,7 +187,7 @@ NOTES = {
                      "the nearest stored trajectory and jumps to step 10 (6 of 20 steps skipped). The builder here makes "
                      "the KB on the first run and reuses it after. Press **Run**; the node's report shows what it retrieved.",
     "redi_sampler_custom": "## 4 ReDi Sampler, custom sampling\n\n**ReDi Sampler** as the SAMPLER of SamplerCustomAdvanced, "
-                           f"with the **ReDi KB Loader**. Run template 2 first. {_KB} Press **R** if the Loader's list is empty.",
+                           f"with the **ReDi KB Loader**. Run template 2 first. {_KB} The Loader's list shows a new KB by itself.",
     "feature_reuse": "## 5 FeatureReuse on a KSampler\n\n**ReDi FeatureReuse** patches the model: between keyframe steps "
                      "the UNet reuses cached features. Stock KSampler, no KB needed. Press **Run**.",
     "stylize": "## 6 Style Split, stylization\n\n**ReDi Style Split** splits the prompt into content and style: ReDi "

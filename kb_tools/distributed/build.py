@@ -160,7 +160,7 @@ class Coordinator:
             self.ref = next(fp for fp in good if counts[fp] == top)
             if len(counts) > 1:
                 self.log(f"workers disagree on the model; the build follows the majority (model_hash {self.ref.model_hash})")
-        dist_store.open_target(self.out, self.ref, self.dtype)
+        dist_store.open_target(self.out, self.ref, self.dtype, negative_prompt=self.s.negative)
         self.ref_ready.set()
 
     # --- one worker ---------------------------------------------------------------------------

@@ -68,10 +68,11 @@ def read_unit(unit_dir: Path) -> tuple[Fingerprint, list[Entry], str]:
         kb.close()
 
 
-def open_target(out: Path, fp: Fingerprint, dtype: str) -> None:
-    """Create the build's KB, or reopen it for a resumed build (same fingerprint required)."""
+def open_target(out: Path, fp: Fingerprint, dtype: str, negative_prompt: str | None = None) -> None:
+    """Create the build's KB, or reopen it for a resumed build (same fingerprint required). A new KB
+    keeps `negative_prompt`'s text when the fingerprint's negative_hash names it."""
     out = Path(out)
-    header = create_kb(out, fp, dtype=dtype)
+    header = create_kb(out, fp, dtype=dtype, negative_prompt=negative_prompt)
     if header.fingerprint.seed != fp.seed:
         raise KBError(f"{out} already holds a KB built from seed {header.fingerprint.seed}, this build uses {fp.seed}; "
                       "choose another --out or the same --seed")

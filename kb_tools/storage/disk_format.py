@@ -2,7 +2,9 @@
 
     NAME/
       manifest.json   written once at creation, never rewritten: format, version,
-                      fingerprint, storage dtype, key pooling factor, rows per shard
+                      fingerprint, storage dtype, key pooling factor, rows per shard, and
+                      optionally the negative prompt's text (it must hash to the fingerprint's
+                      negative_hash; older manifests lack it and stay valid)
       log.jsonl       append-only commit log, one JSON line per committed step; each line
                       is self-checksummed, chained to the previous one, and repeats the
                       cumulative state (entry count, shard count, prompt chain, index files)
@@ -62,6 +64,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_LATENT_ELEMENTS = 16 * 512 * 512  # a 4096x4096 image with 16 latent channels
 MAX_SHARD_ROWS = 65536
 MAX_ABS_VALUE = 1.0e4  # latents and denoised estimates of real models stay far below
+MAX_NEGATIVE_CHARS = 65536  # the negative prompt's text, kept in the manifest for the KB Loader's report
 DEFAULT_SHARD_BYTES = 256 << 20  # a shard's payload stays under this (and never above MAX_SHARD_ROWS rows)
 DEFAULT_STORED_STEPS = "4,10"  # the node defaults' key and value steps
 
@@ -179,6 +182,9 @@ class Header:
     dtype: str = "float16"
     pool: int = 1  # average-pooling factor of the reduced keys (1: the full key)
     shard_rows: int = 4096
+    # The negative prompt's text, for people reading the KB (the KB Loader's report); optional, absent
+    # from older manifests. Matching uses the fingerprint's negative_hash, which this text must hash to.
+    negative_prompt: str | None = None
 
     @property
     def key_dims(self) -> int:
@@ -186,8 +192,11 @@ class Header:
         return c * (h // self.pool) * (w // self.pool)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint.to_json(),
-                "dtype": self.dtype, "pool": self.pool, "shard_rows": self.shard_rows}
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint.to_json(),
+             "dtype": self.dtype, "pool": self.pool, "shard_rows": self.shard_rows}
+        if self.negative_prompt is not None:
+            d["negative_prompt"] = self.negative_prompt
+        return d
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,12 @@ def header_problems(data: Any) -> list[str]:
         problems.append(f"shard_rows must be an integer in 1..{MAX_SHARD_ROWS}, not {data.get('shard_rows')!r:.40}")
     fp_problems = fingerprint_problems(data.get("fingerprint"))
     problems += fp_problems
+    if "negative_prompt" in data:  # optional (manifests written before it lack it)
+        neg = data["negative_prompt"]
+        if not isinstance(neg, str) or len(neg) > MAX_NEGATIVE_CHARS:
+            problems.append(f"negative_prompt must be a string of at most {MAX_NEGATIVE_CHARS} characters, not {neg!r:.40}")
+        elif not fp_problems and text_hash(neg) != data["fingerprint"].get("negative_hash", ""):
+            problems.append("negative_prompt does not match the fingerprint's negative_hash (the text shown would not be the one the KB was built with)")
     if not fp_problems and _is_int(data.get("pool")) and data["pool"] >= 1:
         _, h, w = data["fingerprint"]["latent_shape"]
         if h % data["pool"] or w % data["pool"]:
@@ -344,7 +359,7 @@ def read_header(kb_dir: Path) -> Header:
     problems = header_problems(data)
     if problems:
         raise KBError(f"{path} is invalid:\n- " + "\n- ".join(problems))
-    return Header(Fingerprint(**data["fingerprint"]), data["dtype"], data["pool"], data["shard_rows"])
+    return Header(Fingerprint(**data["fingerprint"]), data["dtype"], data["pool"], data["shard_rows"], data.get("negative_prompt"))
 
 
 def write_header(kb_dir: Path, header: Header) -> None:

@@ -46,6 +46,7 @@ from .disk_format import (
     rkeys_file,
     safe_file,
     sha256_file,
+    text_hash,
     write_header,
 )
 from .reduced_keys import read_reduced_keys
@@ -93,8 +94,9 @@ def default_shard_rows(fp: Fingerprint, dtype: str) -> int:
 
 
 def create_kb(kb_dir: Path, fp: Fingerprint, dtype: str = "float16", key_dims: int = kb_index.DEFAULT_KEY_DIMS,
-              shard_rows: int | None = None) -> Header:
-    """Create an empty KB, or return the header of the compatible KB already there."""
+              shard_rows: int | None = None, negative_prompt: str | None = None) -> Header:
+    """Create an empty KB, or return the header of the compatible KB already there. A new KB's
+    manifest keeps `negative_prompt`'s text when it is the one the fingerprint's negative_hash names."""
     kb_dir = Path(kb_dir)
     with kb_lock(kb_dir):
         if os.path.lexists(kb_dir / MANIFEST):
@@ -107,7 +109,10 @@ def create_kb(kb_dir: Path, fp: Fingerprint, dtype: str = "float16", key_dims: i
                               f"version 2): convert it with `python -m kb_tools upgrade {kb_dir} NEW_FOLDER` or choose another KB name") from None
             check_compatible(header, fp, kb_dir.name)
             return header
-        header = Header(fp, dtype, kb_index.pool_factor(fp.latent_shape, key_dims), shard_rows or default_shard_rows(fp, dtype))
+        if negative_prompt is not None and text_hash(negative_prompt) != fp.negative_hash:
+            negative_prompt = None
+        header = Header(fp, dtype, kb_index.pool_factor(fp.latent_shape, key_dims), shard_rows or default_shard_rows(fp, dtype),
+                        negative_prompt)
         write_header(kb_dir, header)
         return header
 
@@ -375,7 +380,7 @@ def merge(out_dir: Path, sources: list[Path]) -> State:
         bad = incompatible(h.fingerprint, headers[0].fingerprint)
         if bad:
             raise KBError(f"cannot merge {Path(src).name} into {Path(sources[0]).name}: they differ in {', '.join(bad)}")
-    create_kb(out_dir, headers[0].fingerprint, dtype=headers[0].dtype)
+    create_kb(out_dir, headers[0].fingerprint, dtype=headers[0].dtype, negative_prompt=headers[0].negative_prompt)
     for src in sources:
         append_kb(out_dir, src, unit=None)
     return read_tail_state(out_dir, read_header(out_dir))

@@ -14,7 +14,7 @@ PACK = "ComfyUI-ReDi-Accelerate"
 LISTEN = """() => {
   window.__redi = [];
   const api = window.comfyAPI.api.api;
-  for (const type of ["execution_start", "execution_success", "execution_error", "executed", "progress", "redi.report"]) {
+  for (const type of ["execution_start", "execution_success", "execution_error", "execution_interrupted", "executed", "progress", "redi.report", "redi.kbs"]) {
     api.addEventListener(type, (e) => window.__redi.push({ type, detail: e.detail }));
   }
 }"""
@@ -96,7 +96,7 @@ class Frontend:
 
     def run(self, timeout_s: float = 900) -> dict:
         """Queue the open workflow like the Run button and wait until it finished; returns the
-        execution_success or execution_error message and every message since queueing."""
+        execution_success, execution_error or execution_interrupted message and every message since queueing."""
         self.page.evaluate("() => { window.__redi.length = 0; }")
         self.page.evaluate("() => app.queuePrompt(0, 1)")
         deadline = time.time() + timeout_s
@@ -104,7 +104,7 @@ class Frontend:
             events = self.page.evaluate("() => window.__redi")
             if os.environ.get("REDI_BROWSER_DEBUG"):
                 print(time.strftime("%X"), [e["type"] for e in events][-5:], flush=True)
-            done = [e for e in events if e["type"] in ("execution_success", "execution_error")]
+            done = [e for e in events if e["type"] in ("execution_success", "execution_error", "execution_interrupted")]
             if done:
                 self.page.wait_for_timeout(300)  # let the page show the outputs
                 return {"end": done[-1], "events": self.page.evaluate("() => window.__redi")}
@@ -174,3 +174,30 @@ class Frontend:
             else:
                 self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(400)
+
+    def active_workflow(self) -> str | None:
+        return self.page.evaluate("() => app.extensionManager?.workflow?.activeWorkflow?.path ?? null")
+
+    def switch_tab_and_back(self) -> None:
+        """Open a new blank workflow in its own tab, then go back to this one (the frontend reloads
+        its graph from the tab's saved state, as a click on its tab does)."""
+        path = self.active_workflow()
+        assert path, "no active workflow tab"
+        self.page.evaluate("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+        self.wait_until("(p) => app.extensionManager.workflow.activeWorkflow?.path !== p", 20, arg=path)
+        self.page.wait_for_timeout(300)
+        self.page.evaluate("() => app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow')")
+        self.wait_until("(p) => app.extensionManager.workflow.activeWorkflow?.path === p && app.rootGraph.nodes.length > 0", 20, arg=path)
+        self.page.wait_for_timeout(500)
+
+    def saved_workflow(self) -> str:
+        """The workflow file as Save and Export write it (JSON text)."""
+        return self.page.evaluate("async () => JSON.stringify((await app.graphToPrompt()).workflow, null, 2)")
+
+    def watch_title(self) -> None:
+        """Record the tab title (the frontend's overall progress, "[NN%]" first while a job runs) every 50 ms."""
+        self.page.evaluate("""() => { window.__rediTitles = []; clearInterval(window.__rediTitleTimer);
+            window.__rediTitleTimer = setInterval(() => window.__rediTitles.push(document.title), 50); }""")
+
+    def watched_titles(self) -> list[str]:
+        return self.page.evaluate("() => { clearInterval(window.__rediTitleTimer); return window.__rediTitles; }")

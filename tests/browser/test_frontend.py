@@ -3,6 +3,7 @@ start, the template browser, every example workflow loaded, queued, run and show
 reports readable on the nodes, and a readable error dialog. Screenshots go to out/browser/."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,16 @@ def test_example_workflow_in_the_frontend(frontend, name):
         r = reports[nid]
         assert r["visible"] and r["text"].strip(), r
         assert r["scrollHeight"] <= r["clientHeight"] + 1 and r["scrollWidth"] <= r["clientWidth"] + 1, f"report cut off: {r}"
+    if name == "redi_sampler_custom":  # the KB Loader shows every fingerprinted setting, the negative prompt's text too
+        loader = {r["id"]: r for r in frontend.reports()}["6"]["text"]
+        for needle in (f"KB {workflows.KB_NAME}:", "euler/normal, 20 steps, cfg 6.0", "seed fixed 1024", "model ", "sampling: ",
+                       "negative prompt: empty", "negative conditioning: "):
+            assert needle in loader, (needle, loader)
+    if name == "redi_feature_reuse":  # FeatureReuse counts ReDi KSampler's key phase and finish, not only the last pass
+        texts = {r["id"]: r["text"] for r in frontend.reports()}
+        redi_calls = int(re.search(r"UNet calls: (\d+)", texts["7"]).group(1))
+        m = re.match(r"(\d+) UNet calls in (\d+) sampling passes", texts["14"])
+        assert m and int(m.group(2)) >= 2 and int(m.group(1)) == redi_calls, (texts["14"], texts["7"])
     if name == "redi_build_kb":
         values = [e["detail"]["value"] for e in result["events"] if e["type"] == "progress" and e["detail"].get("node") == "6"]
         prompts, steps, batch = 48, workflows.STEPS, 16

@@ -45,6 +45,39 @@ def test_redi_record_and_library_through_the_server(server):
     assert str(server.kb_dir) not in "\n".join(lines)  # the KB's name, never a server path
     assert any("jumped from step 3 to step" in ln for ln in lines), lines
 
+    # the library's KB is listed for the ReDi KB Loader (LIBRARY/NAME) and serves ReDi Sampler through it
+    from kb_tools.library import Library
+
+    (kb,) = [k.name for k in Library(server.kb_dir / lib).list()]
+    assert f"{lib}/{kb}" in server.get("/redi/kbs")["kbs"]
+    spec = server.get("/object_info/ReDiKBLoader")["ReDiKBLoader"]["input"]["required"]["kb_name"]
+    assert f"{lib}/{kb}" in (spec[0] if isinstance(spec[0], list) else spec[1]["options"]), spec
+    g = workflows.redi_sampler_custom(seed=11)
+    g["6"]["inputs"]["kb_name"] = f"{lib}/{kb}"
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    assert f"KB {kb}: 2 trajectories" in "\n".join(_report(entry)), _report(entry)
+
+
+def test_a_linked_library_folder_is_neither_listed_nor_read(server, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "kb").mkdir(parents=True)
+    (outside / "kb" / "manifest.json").write_text("{}")
+    link = server.kb_dir / "linked_library"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        assert not [n for n in server.get("/redi/kbs")["kbs"] if n.startswith("linked_library")]
+        g = workflows.redi_sampler_custom()
+        g["6"]["inputs"]["kb_name"] = "linked_library/kb"
+        status, body = server.queue(g)  # not in the Loader's list: refused at queue time (0.30.0)
+        if status == 200:  # ComfyUI 0.3.75 does not check a V3 combo's value at queue time: the Loader refuses the link
+            err = server.error_of(server.run(g))
+            assert err and "symbolic link" in err["exception_message"], err
+        else:
+            assert status == 400 and "kb_name" in str(body), (status, body)
+    finally:
+        link.unlink()
+
 
 def test_library_without_kb_or_library_fails_with_the_fix(server):
     graph = workflows.redi_library(library="")

@@ -141,5 +141,5 @@ def test_reports_name_the_kb_not_a_server_path(server, built):
     text = "\n".join(lines)
     assert f"KB {workflows.KB_NAME}:" in text
     assert str(server.kb_dir) not in text and "/models/" not in text, text
-    assert "negative prompt hash" in text and "model " in text, text
+    assert "negative prompt: empty" in text and "model " in text and "sampling: " in text, text  # the demo KB's negative is ""
 
