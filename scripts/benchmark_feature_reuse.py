@@ -208,8 +208,7 @@ def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: d
 
 
 # (row name, steps): fewer-steps rows, and FeatureReuse rows of fr_settings() by name
-SD15_RUNS = [("euler 10 steps", 10), ("euler 11 steps", 11), ("FR fixed i2 o0 mix bias 0.8", STEPS),
-             ("FR fixed i2 o0 mix", STEPS), ("FR fixed i2 o0", STEPS)]
+SD15_RUNS = [("euler 10 steps", 10), ("euler 11 steps", 11), ("FR fixed i2 o0 mix bias 0.8", STEPS), ("FR fixed i2 o0", STEPS)]
 
 
 def sd15_runs(fr, size: int, reverse: bool = False) -> list[dict]:
