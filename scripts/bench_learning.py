@@ -13,7 +13,8 @@ the reference, checked by a real full run every `--check-every` such images (PSN
 Writes OUT/results.json with `windows`, one object per `--window` generations: start, end,
 calls_ratio (mean UNet calls per image over the full run's), accuracy and accuracy_full (0..1),
 frechet, frechet_full, frechet_se (bootstrap standard error of frechet - frechet_full, items
-resampled in pairs), items, items_below_15db (PSNR to the full run), recorded (trajectories
+resampled in pairs), items, items_below_15db (PSNR to the full run), jumped, explored (sampled in full by the
+exploration rule), recorded (trajectories
 added to the library); and OUT/learning_curve.png.
 """
 
@@ -145,7 +146,7 @@ def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
         "frechet": evaluator.frechet_distance(fa, s.real_feats), "frechet_full": evaluator.frechet_distance(fb, s.real_feats),
         "frechet_se": bootstrap_se(fa, fb, s.real_feats, reps, start), "items": len(rows),
         "items_below_15db": int((psnr < 15).sum()), "recorded": int(sum(r["recorded"] for r in rows)),
-        "jumped": int(sum(r["jumped"] for r in rows)),
+        "jumped": int(sum(r["jumped"] for r in rows)), "explored": int(sum(r["explored"] for r in rows)),
         "min_psnr_jumped": float(min(r["psnr"] for r in rows if r["jumped"])) if any(r["jumped"] for r in rows) else None,
         "median_psnr_jumped": float(np.median([r["psnr"] for r in rows if r["jumped"]])) if any(r["jumped"] for r in rows) else None,
         "wall_s_per_image": float(np.mean([r["wall"] for r in rows])),
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         s.lib.RECORDER.flush()
         rec_s = s.lib.RECORDER.seconds - before
         jumped = any("jumped from step" in line for line in report)
+        explored = any(line.startswith("[0] ") and "exploring" in line for line in report)
         recorded = int(any("recording 1 full" in line for line in report))
         img = s.decode(out)[0]
         if jumped:
@@ -224,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         m = re.search(r"to step (\d+)", step_line)
         d = re.search(r"nearest key at ([0-9.]+)", step_line)
         items.append({"i": i, "prompt": prompt, "seed": int(seed), "calls": calls, "value_step": int(m.group(1)) if m else None,
-                      "distance": float(d.group(1)) if d else None, "psnr": psnr if jumped else None})
+                      "distance": float(d.group(1)) if d else None, "psnr": psnr if jumped else None, "explored": explored})
         rows.append({"sample": sample, "img": img, "ref": ref, "calls": calls, "full_calls": full_calls, "psnr": psnr,
-                     "jumped": jumped, "recorded": recorded, "wall": wall, "record_s": rec_s})
+                     "jumped": jumped, "explored": explored, "recorded": recorded, "wall": wall, "record_s": rec_s})
         if (i + 1) % 10 == 0:
             print(f"  {i + 1} generations, {sum(r['jumped'] for r in rows)} jumped, {sum(r['recorded'] for r in rows)} recorded, "
                   f"{time.perf_counter() - t_start:.0f}s", flush=True)
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             w = windows[-1]
             print(f"[{w['start']:4d}-{w['end']:4d}] calls {w['calls_ratio']:.3f} acc {w['accuracy']:.3f}/{w['accuracy_full']:.3f} "
                   f"FD {w['frechet']:.3f}/{w['frechet_full']:.3f} (se {w['frechet_se']:.3f}) <15dB {w['items_below_15db']} "
-                  f"recorded {w['recorded']} jumped {w['jumped']} ({time.perf_counter() - t_start:.0f}s)", flush=True)
+                  f"recorded {w['recorded']} jumped {w['jumped']} explored {w['explored']} ({time.perf_counter() - t_start:.0f}s)", flush=True)
             result = {"generations": i + 1, "preset": args.preset, "seed": args.seed, "window": args.window,
                       "settings": {"sampler": SAMPLER, "scheduler": SCHEDULER, "steps": STEPS, "cfg": CFG},
                       "windows": windows, "full_run_checks_psnr": checks,
