@@ -13,7 +13,8 @@ the reference, checked by a real full run every `--check-every` such images (PSN
 Writes OUT/results.json with `windows`, one object per `--window` generations: start, end,
 calls_ratio (mean UNet calls per image over the full run's), accuracy and accuracy_full (0..1),
 frechet, frechet_full, frechet_se (bootstrap standard error of frechet - frechet_full, items
-resampled in pairs), items, items_below_15db (PSNR to the full run), jumped, explored (sampled in full by the
+resampled in pairs), calls_ratio_se and accuracy_diff_se (standard errors over the window's items of
+the mean calls ratio and of accuracy - accuracy_full, paired per item), items, items_below_15db (PSNR to the full run), jumped, explored (sampled in full by the
 exploration rule), recorded (trajectories
 added to the library); and OUT/learning_curve.png.
 """
@@ -137,12 +138,20 @@ def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
     refs = np.stack([r["ref"] for r in rows])
     acc = evaluator.accuracy(s.net, imgs, samples)
     acc_full = evaluator.accuracy(s.net, refs, samples)
-    _, fa = evaluator.predict(s.net, imgs)
-    _, fb = evaluator.predict(s.net, refs)
+    pa, fa = evaluator.predict(s.net, imgs)
+    pb, fb = evaluator.predict(s.net, refs)
+    truth = dataset.attribute_array(samples)
+    # per item: the share of its attributes read right; standard errors over the window's items
+    item_acc = np.mean([pa[k] == truth[k] for k in dataset.ATTRIBUTES], axis=0)
+    item_acc_full = np.mean([pb[k] == truth[k] for k in dataset.ATTRIBUTES], axis=0)
+    ratios = np.array([r["calls"] / r["full_calls"] for r in rows])
+    n = len(rows)
     psnr = np.array([r["psnr"] for r in rows])
     return {
-        "start": start, "end": start + len(rows), "calls_ratio": float(np.mean([r["calls"] / r["full_calls"] for r in rows])),
+        "start": start, "end": start + len(rows), "calls_ratio": float(ratios.mean()),
+        "calls_ratio_se": float(ratios.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
         "accuracy": float(np.mean(list(acc.values()))), "accuracy_full": float(np.mean(list(acc_full.values()))),
+        "accuracy_diff_se": float((item_acc - item_acc_full).std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
         "frechet": evaluator.frechet_distance(fa, s.real_feats), "frechet_full": evaluator.frechet_distance(fb, s.real_feats),
         "frechet_se": bootstrap_se(fa, fb, s.real_feats, reps, start), "items": len(rows),
         "items_below_15db": int((psnr < 15).sum()), "recorded": int(sum(r["recorded"] for r in rows)),
