@@ -196,9 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=2026, help="the session's prompt stream and seeds")
     p.add_argument("--check-every", type=int, default=10, help="re-run every n-th full-sampled image in full to check it")
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--explore-warmup", type=int, default=None, help="override the preset's exploration warm-up size (trajectories)")
+    p.add_argument("--explore-density", type=float, default=None, help="override the preset's exploration density factor (0: off)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.preset)
+    adaptive = importlib.import_module("redi_accelerate.redi_core.adaptive")
+    rule = adaptive.EXPLORATION[args.preset]
+    rule = adaptive.Exploration(rule.min_trajectories if args.explore_warmup is None else args.explore_warmup,
+                                rule.density_factor if args.explore_density is None else args.explore_density)
+    adaptive.EXPLORATION[args.preset] = rule
     stream = session_stream(args.generations, args.seed)
     seeds = np.random.default_rng(args.seed + 1).integers(0, 2**31, size=args.generations)
     conds: dict[str, object] = {}
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"FD {w['frechet']:.3f}/{w['frechet_full']:.3f} (se {w['frechet_se']:.3f}) <15dB {w['items_below_15db']} "
                   f"recorded {w['recorded']} jumped {w['jumped']} explored {w['explored']} ({time.perf_counter() - t_start:.0f}s)", flush=True)
             result = {"generations": i + 1, "preset": args.preset, "seed": args.seed, "window": args.window,
+                      "exploration": {"min_trajectories": rule.min_trajectories, "density_factor": rule.density_factor},
                       "settings": {"sampler": SAMPLER, "scheduler": SCHEDULER, "steps": STEPS, "cfg": CFG},
                       "windows": windows, "full_run_checks_psnr": checks,
                       "record_seconds_per_recorded": float(sum(r["record_s"] for r in rows) / max(1, sum(r["recorded"] for r in rows))),
