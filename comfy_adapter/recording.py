@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 
 import comfy.samplers
 import numpy as np
@@ -122,10 +123,18 @@ class RecordPatch:
     """OUTER_SAMPLE wrapper of ReDi Record: runs the stock sampler through Capture and records the
     finished trajectories into the library (in the background)."""
 
-    def __init__(self, library: Library) -> None:
+    def __init__(self, library: Library, report: Callable[[list[str]], None] | None = None) -> None:
         self.library = library
         self.last: Recording | None = None
         self.last_note = ""
+        self.report = report  # shows what was recorded on the node, after sampling
+
+    def _say(self) -> None:
+        if self.report is not None and self.last_note:
+            try:
+                self.report([self.last_note])
+            except Exception as e:  # a report must never fail the user's generation
+                log.warning("ReDi Record: report not shown (%s)", e)
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                  seed=None, **kwargs):
@@ -134,7 +143,9 @@ class RecordPatch:
         if why:
             self.last_note = f"ReDi Record: not recorded ({why})"
             log.info(self.last_note)
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+            out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+            self._say()
+            return out
         name = sampler_name_of(sampler)
         cap = Capture(name)
         out = executor(noise, latent_image, cap, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
@@ -143,6 +154,7 @@ class RecordPatch:
         except Exception as e:  # recording must never fail the user's generation
             self.last_note = f"ReDi Record: not recorded ({e})"
             log.warning(self.last_note)
+        self._say()
         return out
 
     def _refusal(self, guider, latent_image, sampler, sigmas, denoise_mask) -> str:

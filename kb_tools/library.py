@@ -42,8 +42,7 @@ from .storage.commit_log import read_state, read_tail_state
 from .storage.compat import incompatible
 from .storage.disk_format import LOG, MANIFEST, Entry, Fingerprint, read_header
 from .storage.knowledge_base import KnowledgeBase
-from .storage.writer import _commit as commit_locked  # the writer's commit; we hold its lock
-from .storage.writer import create_kb, kb_lock
+from .storage.writer import append_batch_locked, create_kb, kb_lock
 
 try:  # inside the pack, as ComfyUI imports it
     from ..redi_core.retrieval import signatures_match
@@ -222,8 +221,8 @@ def _commit_items(path: Path, x, d, entries, digests, keep: list[int]) -> None:
         unit = UNIT_PREFIX + ",".join(digests[i] for i in part)
         if len(unit) > 256 or any(not re.fullmatch(f"[0-9a-f]{{{DIGEST_HEX}}}", digests[i]) for i in part):
             raise KBError(f"recording digests must be {DIGEST_HEX} hex characters each (item_digest)")
-        batch = ({s: np.asarray(v[part]) for s, v in x.items()}, {s: np.asarray(v[part]) for s, v in d.items()}, [entries[i] for i in part])
-        commit_locked(path, header, [batch], unit)
+        append_batch_locked(path, header, {s: np.asarray(v[part]) for s, v in x.items()}, {s: np.asarray(v[part]) for s, v in d.items()},
+                            [entries[i] for i in part], unit)
 
 
 def _log_units(path: Path) -> list[tuple[int, str]]:

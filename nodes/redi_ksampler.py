@@ -106,6 +106,7 @@ class ReDiKSampler(io.ComfyNode):
             raise KBError("ReDi KSampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
         else:
             notes = kb_match.check_query(kb, model, tuple(latent.shape), steps, cfg, sampler_name, scheduler, negative)
+        record = lib is not None and learn and content_positive is None and sampler_name in recording.FINISH_EXACT
         counter = NFECounter()
         counted = counter.attach(model)
         phases = comfy_adapter.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
@@ -126,10 +127,11 @@ class ReDiKSampler(io.ComfyNode):
             k, tiers = adaptive.plan(speed, steps, stored)
             state = phases.key_phase(key_positive, latent, noise, seed, k)
             key_calls = counter.calls
-            ret = adaptive.retrieve_adaptive(kb, state, k, tiers, phases.sigmas.float().tolist(), neighbours, max_weight_deviation)
+            explore, spacing = exploration(lkb, kb, k, speed, record)
+            ret = adaptive.retrieve_adaptive(kb, state, k, tiers, phases.sigmas.float().tolist(), neighbours, max_weight_deviation,
+                                             explore=explore, spacing=spacing)
             groups = list(ret.starts())
-            lines = adaptive.summary_lines(ret, speed, tiers, steps)
-        record = lib is not None and learn and content_positive is None and sampler_name in recording.FINISH_EXACT
+            lines = adaptive.summary_lines(ret, speed, tiers, steps, explore)
         out = torch.zeros(latent.shape)
         recorded = 0
         for start, idx, src in groups:
@@ -159,10 +161,22 @@ def library_inputs() -> list:
     return [
         io.String.Input("library", default="", optional=True, tooltip="Work from a KB library instead of a connected KB: a folder name under models/redi_kb. For each run it uses the KB that fits the model, sampler, scheduler, steps, cfg, size and negative prompt, and creates an empty one when none does. Empty: use the connected KB (as before)."),
         io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: fidelity, the preset measured within the quality targets)."),
-        io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added."),
+        io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added. While learning, the library also explores: it samples in full (and records) every image while its KB is small (under 100 trajectories with balanced or speed) and an image whose nearest stored trajectory is much farther than the KB's usual spacing."),
         io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
         io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
     ]
+
+
+def exploration(lkb, kb, key_step: int, preset: str, record: bool) -> tuple[adaptive.Exploration | None, float | None]:
+    """The preset's exploration rule and the KB's spacing, for a library that records this run
+    (exploring without recording would cost UNet calls for nothing): (None, None) otherwise."""
+    if not record or lkb is None:
+        return None, None
+    explore = adaptive.EXPLORATION[preset]
+    spacing = None
+    if kb is not None and explore.density_factor > 0 and len(kb) >= explore.min_trajectories:
+        spacing = adaptive.SPACING.get(kb, key_step, str(lkb.path))
+    return explore, spacing
 
 
 def nfe_line(total: int, key_calls: int, sampler: str, k: int) -> str:

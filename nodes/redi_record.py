@@ -29,13 +29,18 @@ class ReDiRecord(io.ComfyNode):
                 io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, tooltip="Size cap of each library KB; at the cap a new generation keeps a coverage-preserving half of the old KB (see `python -m kb_tools library prune`)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the recording wrapper; connect it to KSampler or a guider.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, library, enabled, max_trajectories=DEFAULT_CAP) -> io.NodeOutput:
         if not enabled:
-            return io.NodeOutput(model)
+            return io.NodeOutput(model, ui=kb_types.report(["ReDi Record: off (the model is returned unchanged; nothing is recorded)"]))
         lib = Library(library_root(kb_types.kb_roots()[0], library.strip()), max_trajectories)
+        node = kb_types.node_id_of(cls)
         m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RecordPatch(lib))
-        return io.NodeOutput(m)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                               RecordPatch(lib, report=lambda lines: kb_types.send_report(node, lines)))
+        note = (f"ReDi Record: library {library.strip()}; each txt2img run of a stock sampler with this model is added to "
+                "the KB that fits it (the report here says which, after sampling)")
+        return io.NodeOutput(m, ui=kb_types.report([note]))

@@ -10,30 +10,54 @@ import torch
 from comfy_api.latest import io
 
 from .. import comfy_adapter
-from ..comfy_adapter import kb_match
+from ..comfy_adapter import kb_match, recording
 from ..kb_tools.errors import KBError
+from ..kb_tools.library import DEFAULT_CAP, Library, library_root
+from ..redi_core import adaptive
 from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
 from . import kb_types
-from .redi_ksampler import redi_inputs
+from .redi_ksampler import exploration, library_inputs, redi_inputs
 
 
 class ReDiSamplerImpl(comfy.samplers.Sampler):
     """Wraps a stock sampler: key phase (sigmas[:k+1], or the whole schedule stopped at k for samplers
-    whose first steps depend on it), retrieval, finish on sigmas[v:]."""
+    whose first steps depend on it), retrieval, finish on sigmas[v:]. With a `library` (no KB), the KB
+    that fits the run is found or created at sampling time (the sampler sees the model, schedule, cfg
+    and negative conditioning only then), each item's value step follows its retrieval (`speed`), and
+    with `learn` every item sampled in full is recorded into that KB."""
 
     def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, content=None,
-                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]):
+                 max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library: Library | None = None,
+                 speed: str = "fixed k/v", learn: bool = True, library_name: str = ""):
         self.inner_name = sampler_name
         self.kb = kb
         self.content = content
         self.opts = (key_step, value_step, neighbours, key_space, max_key_distance, max_residual)
         self.max_weight_deviation = max_weight_deviation
+        self.library, self.speed, self.learn, self.library_name = library, speed, learn, library_name
         self.last_report: list[str] = []
 
     def max_denoise(self, model_wrap, sigmas):
         return comfy.samplers.sampler_object(self.inner_name).max_denoise(model_wrap, sigmas)
 
+    def _library_kb(self, model_wrap, sigmas, noise, latent_image):
+        """The library's KB that fits this run (created empty when none does), and the KB opened for retrieval."""
+        patcher = model_wrap.model_patcher
+        scheduler = comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
+        if scheduler is None:
+            raise KBError("ReDi Sampler with a library needs a stock schedule at denoise 1.0 (e.g. BasicScheduler): these sigmas "
+                          "come from no stock scheduler, so no library KB can be chosen for them")
+        comfy_adapter.check_sampler(self.inner_name, scheduler)
+        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+            raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
+        fp = recording.run_fingerprint(patcher, tuple(noise.shape), self.inner_name, scheduler, len(sigmas) - 1,
+                                       float(getattr(model_wrap, "cfg", 1.0)), model_wrap.original_conds.get("negative"))
+        lkb = self.library.find_or_create(fp)
+        return lkb, self.library.open(lkb)
+
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        if self.library is not None:
+            return self._sample_library(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
         kb = self.kb
         fp = kb.fingerprint
         patcher = model_wrap.model_patcher
@@ -53,9 +77,21 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                           "feed ReDi from a scheduler node with those settings")
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
+        if self.speed != "fixed k/v":
+            return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
+                                         kb, None, self.speed, notes)
         params = kb_match.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
                                             self.max_weight_deviation)
         k, v = params.key_step, params.value_step
+        x_k, key, plan = self._key_phase(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k)
+        state = comfy_adapter.key_state(key, k, sigmas)
+        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_adapter.noise_levels_of(patcher, sigmas, k, v))
+        out = self._finish(model_wrap, sigmas, extra_args, callback, x_k, plan, ret.starts(state, params), denoise_mask, disable_pbar)
+        return self._report(out, summary_lines(ret, params, steps) + notes)
+
+    def _key_phase(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k):
+        """The first k steps (recorded), on the full run's noise; returns (x_k, the key Capture, the noise plan)."""
+        patcher = model_wrap.model_patcher
         stop = comfy_adapter.stop_step_for(self.inner_name, k)
         plan = comfy_adapter.NoisePlan(self.inner_name, sigmas, extra_args.get("seed", 0), noise.shape[0])
         key = comfy_adapter.Capture(self.inner_name, stop_at=stop, noise=plan)
@@ -72,13 +108,21 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                              denoise_mask, disable_pbar)
         finally:
             model_wrap.conds = saved_conds
-        state = comfy_adapter.key_state(key, k, sigmas)
-        ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_adapter.noise_levels_of(patcher, sigmas, k, v))
+        return x_k, key, plan
+
+    def _finish(self, model_wrap, sigmas, extra_args, callback, x_k, plan, groups, denoise_mask, disable_pbar,
+                record_from: int | None = None, captures: dict | None = None):
+        """Each group (start step, rows, start states) sampled from its start to the end; the group that
+        starts at `record_from` is recorded into `captures[start]` (no extra model call)."""
+        steps = len(sigmas) - 1
         out = x_k.clone()
         ms = model_wrap.inner_model.model_sampling
-        for start, idx, start_states in ret.starts(state, params):
+        for start, idx, start_states in groups:
             src = comfy_adapter.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
-            finish = comfy_adapter.Capture(self.inner_name, offset=start, record=False, noise=plan, rows=idx)
+            record = record_from is not None and start == record_from
+            finish = comfy_adapter.Capture(self.inner_name, offset=start, record=record, noise=plan, rows=idx)
+            if record and captures is not None:
+                captures[start] = (finish, idx)
 
             def finish_cb(i, x0, x, _n, start=start):
                 if callback is not None:
@@ -86,10 +130,56 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
 
             out[idx] = finish.sample(model_wrap, sigmas[start:], dict(extra_args), finish_cb, torch.zeros_like(src), src,
                                      None if denoise_mask is None else denoise_mask[idx], disable_pbar)
-        self.last_report = summary_lines(ret, params, steps) + notes
+        return out
+
+    def _report(self, out, lines: list[str]):
+        self.last_report = lines
         logging.info("[ReDi Sampler] %s", "\n".join(self.last_report))
         kb_types.send_report(getattr(self, "report_node", None), self.last_report)
         return out
+
+    def _sample_library(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
+        lkb, kb = self._library_kb(model_wrap, sigmas, noise, latent_image)
+        speed = "fidelity" if self.speed == "fixed k/v" else self.speed  # as ReDi KSampler: the preset measured within the targets
+        return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
+                                     kb, lkb, speed, [])
+
+    def _sample_adaptive(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
+                         kb, lkb, speed: str, notes: list[str]):
+        """Each item's value step from its retrieval (a speed preset), on a connected KB or a library KB
+        (`lkb`; then items sampled in full are recorded when learning)."""
+        steps = len(sigmas) - 1
+        stored = lkb.fingerprint.stored_steps if lkb is not None else kb.fingerprint.stored_steps
+        k, tiers = adaptive.plan(speed, steps, stored)
+        record = (lkb is not None and self.learn and self.content is None and self.inner_name in recording.FINISH_EXACT
+                  and denoise_mask is None)
+        x_k, key, plan = self._key_phase(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k)
+        state = comfy_adapter.key_state(key, k, sigmas)
+        explore, spacing = exploration(lkb, kb, k, speed, record)
+        ret = adaptive.retrieve_adaptive(kb, state, k, tiers, sigmas.float().cpu().tolist(), self.opts[2], self.max_weight_deviation,
+                                         explore=explore, spacing=spacing)
+        captures: dict = {}
+        out = self._finish(model_wrap, sigmas, extra_args, callback, x_k, plan, ret.starts(), denoise_mask, disable_pbar,
+                           record_from=k if record else None, captures=captures)
+        lines = adaptive.summary_lines(ret, speed, tiers, steps, explore)
+        if lkb is None:
+            return self._report(out, lines + notes)
+        recorded = 0
+        if k in captures:
+            fin, idx = captures[k]
+            got = recording.finished_rows(key, fin, k, lkb.fingerprint.stored_steps, idx)
+            if got is not None:
+                sigs = recording.item_signatures(model_wrap.original_conds["positive"], noise.shape[0])
+                recording.submit(self.library, lkb, got[0], got[1], [sigs[i] for i in idx], int(extra_args.get("seed", 0) or 0),
+                                 idx.tolist())
+                recorded = len(idx)
+        held = 0 if kb is None else len(kb)
+        learn_note = (f"recording {recorded} full trajectories (in the background)" if record else
+                      "not recording" + ("" if self.learn else " (learn is off)") +
+                      ("" if self.inner_name in recording.FINISH_EXACT else
+                       f" ({self.inner_name} has a multistep history: use ReDi Record on a stock sampler)") +
+                      ("" if self.content is None else " (content conditioning: the key phase is not the full prompt's)"))
+        return self._report(out, [f"library {self.library_name}: KB {lkb.name}, {held} trajectories; {learn_note}"] + lines + notes)
 
 
 class ReDiSampler(io.ComfyNode):
@@ -103,8 +193,9 @@ class ReDiSampler(io.ComfyNode):
             "Feed it the KB's scheduler and steps (e.g. BasicScheduler) and a guider with the KB's cfg.",
             inputs=[
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", tooltip="Stock sampler for both phases; must equal the KB's."),
-                *redi_inputs(),
+                *redi_inputs(kb_optional=True),
                 io.Conditioning.Input("content_positive", optional=True, tooltip="Optional content-only conditioning (from ReDi Style Split) for the first k steps and the retrieval; the guider's conditioning drives the rest (zero-shot stylization)."),
+                *[i for i in library_inputs() if i.id != "store_prompt_text"],  # the sampler has no prompt input to read text from
             ],
             outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustomAdvanced's sampler input.")],
             hidden=[io.Hidden.unique_id],
@@ -115,11 +206,21 @@ class ReDiSampler(io.ComfyNode):
         return comfy_adapter.sampler_problem(sampler_name, node="ReDi Sampler")
 
     @classmethod
-    def execute(cls, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
-                content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"]) -> io.NodeOutput:
+    def execute(cls, sampler_name, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, kb=None,
+                content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed="fixed k/v",
+                learn=True, max_trajectories=DEFAULT_CAP) -> io.NodeOutput:
         comfy_adapter.check_sampler(sampler_name)
-        ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
+        lib = None
+        if library.strip():
+            lib = Library(library_root(kb_types.kb_roots()[0], library.strip()), max_trajectories)
+            kb = None  # the library's KB is chosen per run, when the sampler sees the schedule, cfg and negative prompt
+        elif kb is None:
+            raise KBError("ReDi Sampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
+        elif speed == "fixed k/v":
+            ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
+        else:
+            adaptive.plan(speed, kb.fingerprint.steps, kb.fingerprint.stored_steps)  # refuses a KB with no value step after the key step
         impl = ReDiSamplerImpl(sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance,
-                               max_residual, content_positive, max_weight_deviation)
+                               max_residual, content_positive, max_weight_deviation, lib, speed, learn, library.strip())
         impl.report_node = kb_types.node_id_of(cls)  # its report is shown on this node after sampling
         return io.NodeOutput(impl)

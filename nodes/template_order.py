@@ -3,7 +3,7 @@
 ComfyUI (0.3.75) lists a pack's example_workflows/*.json in the order the file system returns them,
 and the frontend (1.32.9) shows them in that order under its default sort. This middleware sorts
 this pack's list (and no other pack's) in the /workflow_templates answer, so the templates read
-1 to 7."""
+1 to 9."""
 
 from __future__ import annotations
 

@@ -27,13 +27,15 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, workdir: Path, python: str, extra_paths: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, python: str, extra_paths: dict[str, str] | None = None, kb_dir: Path | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
         self.output_dir = workdir / "output"
-        self.kb_dir = workdir / "models" / "redi_kb"
+        # the KB folder (models/redi_kb); several servers given one share their KBs and libraries
+        self.kb_dir = Path(kb_dir).resolve() if kb_dir is not None else workdir / "models" / "redi_kb"
+        self._kb_yaml = str(self.kb_dir) if kb_dir is not None else "redi_kb"  # an absolute path stays itself under base_path
         self.python = python
         self.proc: subprocess.Popen | None = None
         self.extra_paths = extra_paths or {}  # more model folders under workdir/models, e.g. {"checkpoints": "checkpoints"}
@@ -46,9 +48,10 @@ class ComfyServer:
         """Start the process without waiting (start several, then `wait_ready` each)."""
         for d in ("output", "temp", "user", "input", "models/redi_kb"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
+        self.kb_dir.mkdir(parents=True, exist_ok=True)
         extra = self.workdir / "extra_model_paths.yaml"
         more = "".join(f"  {k}: {v}\n" for k, v in self.extra_paths.items())
-        extra.write_text(f"redi_test:\n  base_path: {self.workdir / 'models'}\n  redi_kb: redi_kb\n{more}")
+        extra.write_text(f"redi_test:\n  base_path: {self.workdir / 'models'}\n  redi_kb: {self._kb_yaml}\n{more}")
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--output-directory", str(self.output_dir),

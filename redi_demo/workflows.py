@@ -50,6 +50,7 @@ def _builder(prompts: str) -> dict:
 REDI_OPTS = {"key_step": 4, "value_step": 10, "neighbours": 1, "key_space": "auto", **GUARD_DEFAULTS}
 # ReDi KSampler's optional library inputs at their defaults (a connected KB; the frontend queues every widget)
 CONNECTED_KB = {"library": "", "speed": "fixed k/v", "learn": True, "store_prompt_text": False, "max_trajectories": 5000}
+SAMPLER_CONNECTED_KB = {k: v for k, v in CONNECTED_KB.items() if k != "store_prompt_text"}  # ReDi Sampler's (no prompt input)
 
 
 def demo_txt2img(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
@@ -87,21 +88,26 @@ def redi_record(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = LIBR
     return g
 
 
-def redi_library(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = LIBRARY, speed: str = "balanced") -> dict:
+def redi_library(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = LIBRARY, speed: str = "fidelity") -> dict:
     """ReDi KSampler on a library that fills itself: no KB to build, random seeds."""
     g = _base(prompt)
     g["7"] = {"class_type": "ReDiKSampler", "inputs": {
         "model": ["1", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
         "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], **REDI_OPTS,
-        "library": library, "speed": speed, "learn": True, "max_trajectories": 5000}}
+        "library": library, "speed": speed, "learn": True, "store_prompt_text": False, "max_trajectories": 5000}}
     g.update(_decode_save(["7", 0], "redi_library"))
     return g
 
 
-def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+def redi_sampler_custom(prompt: str = DEMO_PROMPT, seed: int = 1024, library: str = "") -> dict:
+    """ReDi Sampler in SamplerCustomAdvanced, on the KB Loader's KB (or, with `library`, on a library: no loader)."""
     g = _base(prompt)
-    g["6"] = {"class_type": "ReDiKBLoader", "inputs": {"kb_name": KB_NAME}}
-    g["7"] = {"class_type": "ReDiSampler", "inputs": {"sampler_name": SAMPLER, "kb": ["6", 0], **REDI_OPTS}}
+    if library:
+        g["7"] = {"class_type": "ReDiSampler", "inputs": {"sampler_name": SAMPLER, **REDI_OPTS, **SAMPLER_CONNECTED_KB,
+                                                          "library": library, "speed": "fidelity"}}
+    else:
+        g["6"] = {"class_type": "ReDiKBLoader", "inputs": {"kb_name": KB_NAME}}
+        g["7"] = {"class_type": "ReDiSampler", "inputs": {"sampler_name": SAMPLER, "kb": ["6", 0], **REDI_OPTS, **SAMPLER_CONNECTED_KB}}
     g["10"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
     g["11"] = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": CFG}}
     g["12"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": SCHEDULER, "steps": STEPS, "denoise": 1.0}}
@@ -158,6 +164,8 @@ EXAMPLES = {
     "feature_reuse": feature_reuse,
     "stylize": stylize,
     "redi_feature_reuse": redi_feature_reuse,
+    "redi_record": redi_record,
+    "redi_library": redi_library,
 }
 
 # name -> the UI file's name. The frontend's template browser (1.32.9) shows a custom node pack's
@@ -172,6 +180,8 @@ TITLES = {
     "feature_reuse": "5 FeatureReuse, KSampler",
     "stylize": "6 Style Split, stylize",
     "redi_feature_reuse": "7 ReDi and FeatureReuse",
+    "redi_record": "8 ReDi Record, KSampler",
+    "redi_library": "9 ReDi KSampler, library",
 }
 
 # name -> the note each template opens with (what it shows, what to run first): the browser
@@ -195,4 +205,12 @@ NOTES = {
     "redi_feature_reuse": "## 7 ReDi + FeatureReuse\n\nBoth speed-ups together: FeatureReuse (from 25% of the steps, so "
                           "that ReDi's first steps stay on the KB's trajectories) feeding ReDi KSampler; the KB is built on "
                           f"the unpatched model. {_KB} Press **Run**.",
+    "redi_record": "## 8 ReDi Record on a KSampler\n\n**ReDi Record** patches the model: every txt2img run of the stock "
+                   f"KSampler (or SamplerCustomAdvanced) adds its trajectory to the library `{LIBRARY}` (models/redi_kb/{LIBRARY}), "
+                   "to the KB that fits the model and settings, in the background and at no extra UNet call; the image is "
+                   "unchanged. Press **Run** a few times with new seeds, then open template 9.",
+    "redi_library": "## 9 ReDi KSampler on a library\n\nNo KB to build: with `library` set, **ReDi KSampler** uses the "
+                    f"library's KB that fits this model and settings (`{LIBRARY}`, filled by template 8 or by this node itself). "
+                    "Each image jumps as far as its nearest stored trajectory allows (`speed`), and every image sampled in full "
+                    "is recorded (`learn`), so it gets faster as you use it. Press **Run**; the report names the KB and each jump.",
 }

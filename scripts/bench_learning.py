@@ -13,7 +13,9 @@ the reference, checked by a real full run every `--check-every` such images (PSN
 Writes OUT/results.json with `windows`, one object per `--window` generations: start, end,
 calls_ratio (mean UNet calls per image over the full run's), accuracy and accuracy_full (0..1),
 frechet, frechet_full, frechet_se (bootstrap standard error of frechet - frechet_full, items
-resampled in pairs), items, items_below_15db (PSNR to the full run), recorded (trajectories
+resampled in pairs), calls_ratio_se and accuracy_diff_se (standard errors over the window's items of
+the mean calls ratio and of accuracy - accuracy_full, paired per item), items, items_below_15db (PSNR to the full run), jumped, explored (sampled in full by the
+exploration rule), recorded (trajectories
 added to the library); and OUT/learning_curve.png.
 """
 
@@ -113,17 +115,25 @@ def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
     refs = np.stack([r["ref"] for r in rows])
     acc = evaluator.accuracy(s.net, imgs, samples)
     acc_full = evaluator.accuracy(s.net, refs, samples)
-    _, fa = evaluator.predict(s.net, imgs)
-    _, fb = evaluator.predict(s.net, refs)
+    pa, fa = evaluator.predict(s.net, imgs)
+    pb, fb = evaluator.predict(s.net, refs)
+    truth = dataset.attribute_array(samples)
+    # per item: the share of its attributes read right; standard errors over the window's items
+    item_acc = np.mean([pa[k] == truth[k] for k in dataset.ATTRIBUTES], axis=0)
+    item_acc_full = np.mean([pb[k] == truth[k] for k in dataset.ATTRIBUTES], axis=0)
+    ratios = np.array([r["calls"] / r["full_calls"] for r in rows])
+    n = len(rows)
     psnr = np.array([r["psnr"] for r in rows])
     return {
-        "start": start, "end": start + len(rows), "calls_ratio": float(np.mean([r["calls"] / r["full_calls"] for r in rows])),
+        "start": start, "end": start + len(rows), "calls_ratio": float(ratios.mean()),
+        "calls_ratio_se": float(ratios.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
         "accuracy": float(np.mean(list(acc.values()))), "accuracy_full": float(np.mean(list(acc_full.values()))),
+        "accuracy_diff_se": float((item_acc - item_acc_full).std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
         "frechet": evaluator.frechet_distance(fa, s.real_feats), "frechet_full": evaluator.frechet_distance(fb, s.real_feats),
         "frechet_se": paired_stats.paired_frechet(fa, fb, paired_stats.RealStats.of(s.real_feats),
                                                   paired_stats.bootstrap_indices(len(rows), reps, start)).se, "items": len(rows),
         "items_below_15db": int((psnr < 15).sum()), "recorded": int(sum(r["recorded"] for r in rows)),
-        "jumped": int(sum(r["jumped"] for r in rows)),
+        "jumped": int(sum(r["jumped"] for r in rows)), "explored": int(sum(r["explored"] for r in rows)),
         "min_psnr_jumped": float(min(r["psnr"] for r in rows if r["jumped"])) if any(r["jumped"] for r in rows) else None,
         "median_psnr_jumped": float(np.median([r["psnr"] for r in rows if r["jumped"]])) if any(r["jumped"] for r in rows) else None,
         "wall_s_per_image": float(np.mean([r["wall"] for r in rows])),
@@ -164,9 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=2026, help="the session's prompt stream and seeds")
     p.add_argument("--check-every", type=int, default=10, help="re-run every n-th full-sampled image in full to check it")
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--explore-warmup", type=int, default=None, help="override the preset's exploration warm-up size (trajectories)")
+    p.add_argument("--explore-density", type=float, default=None, help="override the preset's exploration density factor (0: off)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.preset)
+    adaptive = importlib.import_module("redi_accelerate.redi_core.adaptive")
+    rule = adaptive.EXPLORATION[args.preset]
+    rule = adaptive.Exploration(rule.min_trajectories if args.explore_warmup is None else args.explore_warmup,
+                                rule.density_factor if args.explore_density is None else args.explore_density)
+    adaptive.EXPLORATION[args.preset] = rule
     stream = session_stream(args.generations, args.seed)
     seeds = np.random.default_rng(args.seed + 1).integers(0, 2**31, size=args.generations)
     conds: dict[str, object] = {}
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         s.lib.RECORDER.flush()
         rec_s = s.lib.RECORDER.seconds - before
         jumped = any("jumped from step" in line for line in report)
+        explored = any(line.startswith("[0] ") and "exploring" in line for line in report)
         recorded = int(any("recording 1 full" in line for line in report))
         img = s.decode(out)[0]
         if jumped:
@@ -202,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         m = re.search(r"to step (\d+)", step_line)
         d = re.search(r"nearest key at ([0-9.]+)", step_line)
         items.append({"i": i, "prompt": prompt, "seed": int(seed), "calls": calls, "value_step": int(m.group(1)) if m else None,
-                      "distance": float(d.group(1)) if d else None, "psnr": psnr if jumped else None})
+                      "distance": float(d.group(1)) if d else None, "psnr": psnr if jumped else None, "explored": explored})
         rows.append({"sample": sample, "img": img, "ref": ref, "calls": calls, "full_calls": full_calls, "psnr": psnr,
-                     "jumped": jumped, "recorded": recorded, "wall": wall, "record_s": rec_s})
+                     "jumped": jumped, "explored": explored, "recorded": recorded, "wall": wall, "record_s": rec_s})
         if (i + 1) % 10 == 0:
             print(f"  {i + 1} generations, {sum(r['jumped'] for r in rows)} jumped, {sum(r['recorded'] for r in rows)} recorded, "
                   f"{time.perf_counter() - t_start:.0f}s", flush=True)
@@ -214,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
             w = windows[-1]
             print(f"[{w['start']:4d}-{w['end']:4d}] calls {w['calls_ratio']:.3f} acc {w['accuracy']:.3f}/{w['accuracy_full']:.3f} "
                   f"FD {w['frechet']:.3f}/{w['frechet_full']:.3f} (se {w['frechet_se']:.3f}) <15dB {w['items_below_15db']} "
-                  f"recorded {w['recorded']} jumped {w['jumped']} ({time.perf_counter() - t_start:.0f}s)", flush=True)
+                  f"recorded {w['recorded']} jumped {w['jumped']} explored {w['explored']} ({time.perf_counter() - t_start:.0f}s)", flush=True)
             result = {"generations": i + 1, "preset": args.preset, "seed": args.seed, "window": args.window,
+                      "exploration": {"min_trajectories": rule.min_trajectories, "density_factor": rule.density_factor},
                       "settings": {"sampler": SAMPLER, "scheduler": SCHEDULER, "steps": STEPS, "cfg": CFG},
                       "windows": windows, "full_run_checks_psnr": checks,
                       "record_seconds_per_recorded": float(sum(r["record_s"] for r in rows) / max(1, sum(r["recorded"] for r in rows))),

@@ -7,7 +7,7 @@
   the workflow produces, rendered by running it on the demo model (takes a few minutes: the
   KB workflows build the demo KB first).
 
-    .venv/bin/python scripts/make_workflows.py [--thumbnails]
+    .venv/bin/python scripts/make_workflows.py [--thumbnails [--only NAME,NAME]]
 
 tests/browser checks that the frontend queues exactly each API twin; run this script when a
 node's inputs change (the test then says so).
@@ -62,8 +62,10 @@ def _tile(paths: list[Path]):
     return sheet
 
 
-def write_thumbnails(srv: ComfyServer) -> None:
+def write_thumbnails(srv: ComfyServer, only: set[str] | None = None) -> None:
     for name, make in workflows.EXAMPLES.items():
+        if only and name not in only:
+            continue
         entry = srv.run(make(), timeout=3600)
         if entry["status"]["status_str"] != "success":
             raise SystemExit(f"{name} failed: {json.dumps(srv.error_of(entry))[:2000]}")
@@ -79,14 +81,19 @@ def write_thumbnails(srv: ComfyServer) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--thumbnails", action="store_true", help="also render the .jpg thumbnails (runs every workflow)")
+    ap.add_argument("--only", default="", help="with --thumbnails: render only these workflows (comma-separated names, e.g. "
+                    "redi_record,redi_library; run in the order of workflows.EXAMPLES)")
     args = ap.parse_args()
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    if only - set(workflows.EXAMPLES):
+        raise SystemExit(f"unknown workflows {sorted(only - set(workflows.EXAMPLES))}; choose from {list(workflows.EXAMPLES)}")
     with tempfile.TemporaryDirectory() as tmp:
         srv = ComfyServer(Path(tmp), sys.executable)
         srv.start()
         try:
             write_workflows(srv.get("/object_info"))
             if args.thumbnails:
-                write_thumbnails(srv)
+                write_thumbnails(srv, only)
         finally:
             srv.stop()
 

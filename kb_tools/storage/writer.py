@@ -328,7 +328,18 @@ def append_batch(kb_dir: Path, x: dict[int, np.ndarray], d: dict[int, np.ndarray
     kb_dir = Path(kb_dir)
     header = read_header(kb_dir)
     with kb_lock(kb_dir):
-        return _commit(kb_dir, header, [(x, d, entries)], unit, number, adding=len(entries))
+        return append_batch_locked(kb_dir, header, x, d, entries, unit, number)
+
+
+def append_batch_locked(kb_dir: Path, header: Header, x: dict[int, np.ndarray], d: dict[int, np.ndarray],
+                        entries: list[Entry], unit: str | None = None, number: bool = False) -> State:
+    """`append_batch` for a caller that already holds `kb_lock(kb_dir)` (the lock is not re-entrant:
+    taking it again from the same process would wait forever), so that it can read the KB, decide
+    what to write and commit it as one step no other writer can interleave with (the library's
+    dedup, for one). `header` is the KB's (`read_header`). Returns the committed state."""
+    if not entries:
+        return read_tail_state(Path(kb_dir), header)
+    return _commit(Path(kb_dir), header, [(x, d, entries)], unit, number, adding=len(entries))
 
 
 def _source_batches(src_dir: Path, src_state: State, first_pos: int | None) -> Iterator[Batch]:

@@ -27,7 +27,7 @@ INT_CONTROLS = {
     ("ReDiKSampler", "key_step"): False, ("ReDiKSampler", "value_step"): False, ("ReDiKSampler", "neighbours"): False,
     ("ReDiSampler", "key_step"): False, ("ReDiSampler", "value_step"): False, ("ReDiSampler", "neighbours"): False,
     ("ReDiFeatureReuse", "interval"): False, ("ReDiFeatureReuse", "order"): False,
-    ("ReDiKSampler", "max_trajectories"): False, ("ReDiRecord", "max_trajectories"): False,
+    ("ReDiKSampler", "max_trajectories"): False, ("ReDiRecord", "max_trajectories"): False, ("ReDiSampler", "max_trajectories"): False,
 }
 
 

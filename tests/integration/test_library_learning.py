@@ -121,3 +121,79 @@ def test_redi_record_feeds_the_library_from_the_stock_samplers(env):
     # ReDi KSampler on the library that ReDi Record filled finds the same KB
     _, _, lines = _redi(env, pos, 5, "record")
     assert ", 2 trajectories;" in lines[0] and "jumped from step" in lines[2], lines
+
+
+def test_redi_sampler_on_a_library_records_the_full_run_then_jumps(env):
+    """ReDi Sampler (SamplerCustomAdvanced's path) with `library` set: an empty library samples in full
+    and records the full run's trajectory; the same prompt and seed then jumps from it; ReDi KSampler
+    finds the same KB; a balanced library explores (samples in full and records) while it is small."""
+    import comfy.sample
+    import comfy.samplers
+
+    mods, model, clip, negative, root = env
+    cs = mods["comfy_adapter"]
+    lib = mods["kb_tools.library"]
+    rs = importlib.import_module("redi_accelerate.nodes.redi_sampler")
+    pos = mods["nodes.kb_nodes"].encode_batch(clip, ["a small yellow triangle at the top right on a blue background"])
+    latent = torch.zeros(1, 4, 8, 8)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).cpu()
+    impl = rs.ReDiSampler.execute("euler", 4, 10, 1, "auto", 1.5, 0.0, library="sampler_lib").result[0]
+
+    def run(sampler, seed):
+        counter = mods["nodes.redi_ksampler"].NFECounter()
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample_custom(counter.attach(model), noise, CFG, sampler, sigmas, pos, negative, latent,
+                                         disable_pbar=True, seed=seed)
+        lib.RECORDER.flush(60)
+        return out, counter.calls
+
+    out, calls = run(impl, 21)
+    assert calls == STEPS
+    assert impl.last_report[0].startswith("library sampler_lib: KB redidemoshap-euler-normal-20s-cfg6-8x8-"), impl.last_report
+    assert ", 0 trajectories; recording 1 full" in impl.last_report[0], impl.last_report
+    full, _ = run(comfy.samplers.sampler_object("euler"), 21)
+    assert torch.allclose(out, full, atol=1e-4)  # sampled in full = the stock sampler's image
+    kb = _kb(env, "sampler_lib")
+    assert kb.count == 1
+    stored = kb.fingerprint.stored_steps
+    ph = cs.Phases(model, STEPS, CFG, "euler", "normal", negative, preview=False)
+    x, d = ph.trajectory(pos, latent, cs.noise_for(latent, [21]), [21], stored)
+    opened = lib.Library(root / "sampler_lib").open(kb)
+    for s in stored:  # the recorded trajectory is the full run's
+        np.testing.assert_allclose(opened.values("latent", s, [0])[0], x[s][0], atol=2e-2, rtol=2e-3)
+        np.testing.assert_allclose(opened.values("denoised", s, [0])[0], d[s][0], atol=2e-2, rtol=2e-3)
+
+    _, calls = run(impl, 21)  # the same prompt and seed: jumps (fidelity, the library's default), records nothing
+    assert calls < STEPS and any("jumped from step 3 to step 12" in ln for ln in impl.last_report), impl.last_report
+    assert _kb(env, "sampler_lib").count == 1
+    _, _, lines = _redi(env, pos, 21, "sampler_lib")  # ReDi KSampler finds the KB ReDi Sampler made
+    assert ", 1 trajectories;" in lines[0], lines
+
+    balanced = rs.ReDiSampler.execute("euler", 4, 10, 1, "auto", 1.5, 0.0, library="sampler_lib", speed="balanced").result[0]
+    _, calls = run(balanced, 22)
+    assert calls == STEPS and any("exploring: the KB holds 1 of the 100" in ln for ln in balanced.last_report), balanced.last_report
+    assert _kb(env, "sampler_lib").count == 2  # a small library keeps learning
+    quiet = rs.ReDiSampler.execute("euler", 4, 10, 1, "auto", 1.5, 0.0, library="sampler_lib", speed="balanced", learn=False).result[0]
+    _, calls = run(quiet, 23)  # not learning: no exploration (it would cost calls for nothing); jumps where the bounds allow
+    assert not any("exploring" in ln for ln in quiet.last_report) and "not recording (learn is off)" in quiet.last_report[0]
+    assert _kb(env, "sampler_lib").count == 2
+
+
+def test_redi_sampler_defaults_keep_a_connected_kb_graph_as_before(env):
+    """Without library inputs, ReDi Sampler is the old node: the connected KB, fixed k and v."""
+    mods, model, clip, negative, root = env
+    rs = importlib.import_module("redi_accelerate.nodes.redi_sampler")
+    with pytest.raises(mods["kb_tools.library"].KBError, match="connect ReDi KB Loader to `kb`, or name a library"):
+        rs.ReDiSampler.execute("euler", 4, 10, 1, "auto", 1.5, 0.0)
+    impl = rs.ReDiSampler.execute("euler", 4, 10, 1, "auto", 1.5, 0.0, kb=object.__new__(_FakeKB)).result[0]
+    assert impl.library is None and impl.speed == "fixed k/v" and impl.opts == (4, 10, 1, "auto", 1.5, 0.0)
+
+
+class _FakeKB:
+    """Enough of a KB for the node's input check (steps 20, key and value steps stored)."""
+
+    class fingerprint:  # noqa: N801
+        steps = 20
+
+    def require_step(self, step, what):
+        return None

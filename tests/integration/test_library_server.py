@@ -98,3 +98,46 @@ def test_prompt_text_is_stored_only_when_asked(server):
         assert _wait_count(server, lib, 1) == 1
         prompt = KnowledgeBase.open(Library(server.kb_dir / lib).list()[0].path).entries[0].prompt
         assert (prompt == workflows.DEMO_PROMPT) if store else prompt.startswith("cond:"), prompt
+
+
+def test_record_and_library_examples_run_and_share_the_library(server):
+    """Templates 8 and 9 as the frontend queues them (their API twins): ReDi Record on the stock
+    KSampler feeds the library, and ReDi KSampler with `library` set retrieves from what it recorded."""
+    import json
+    from pathlib import Path
+
+    wf = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
+    record, library = (json.loads((wf / f"{n}.json").read_text()) for n in ("redi_record", "redi_library"))
+    lib = record["10"]["inputs"]["library"]
+    assert lib == library["7"]["inputs"]["library"] == workflows.LIBRARY
+    record["5"]["inputs"]["seed"] = library["7"]["inputs"]["seed"] = 4242  # a seed no other test records
+    before = _count(server, lib)
+    entry = server.run(record)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    assert server.images(entry)
+    assert _wait_count(server, lib, before + 1) == before + 1
+    entry = server.run(library)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    assert server.images(entry)
+    lines = _report(entry)
+    assert lines[0].startswith(f"library {lib}: KB ") and f", {before + 1} trajectories;" in lines[0], lines
+    assert any("jumped from step 3 to step 12" in ln for ln in lines), lines  # the trajectory template 8 recorded
+
+
+def test_redi_sampler_with_a_library_through_the_server(server):
+    """ReDi Sampler in SamplerCustomAdvanced with `library` set and no KB connected: the server accepts
+    the graph, the first run samples in full and records, the same seed again jumps (records nothing)."""
+    from kb_tools.library import Library
+
+    lib = "sampler_server_library"
+    for i in range(2):
+        graph = workflows.redi_sampler_custom(seed=77, library=lib)
+        graph["7"]["inputs"]["max_key_distance"] += 0.01 * i  # unused with a library; makes the server sample again
+        entry = server.run(graph)
+        assert entry["status"]["status_str"] == "success", server.error_of(entry)
+        assert server.images(entry)
+        assert _wait_count(server, lib, 1) == 1
+    time.sleep(1.0)
+    assert _count(server, lib) == 1
+    kbs = Library(server.kb_dir / lib).list()
+    assert len(kbs) == 1 and kbs[0].name.startswith("redidemoshap-euler-normal-20s-cfg6-8x8-"), kbs

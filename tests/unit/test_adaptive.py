@@ -75,3 +75,72 @@ def test_an_empty_kb_samples_every_item_in_full():
     state = KeyState(np.zeros((2, *SHAPE), np.float32), np.zeros((2, *SHAPE), np.float32), np.zeros((2, *SHAPE), np.float32))
     ret = adaptive.retrieve_adaptive(None, state, 3, [adaptive.Tier(1.0, 10)], [0.0] * 21)
     assert ret.value_steps.tolist() == [3, 3] and "no trajectory" in ret.reports[0].reason
+
+
+def _line_kb(tmp_path, n=5):
+    """A library KB whose denoised keys at every stored step lie on a line: u * (1 + 0.1 j), |u| = 10,
+    so each key's nearest other key lies at 1.0 (relative: 0.1 / (1 + 0.1 j))."""
+    lib = Library(tmp_path / "lib")
+    kb = lib.find_or_create(run_fp())
+    stored = kb.fingerprint.stored_steps
+    u = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    u *= 10 / np.linalg.norm(u)
+    d = {s: np.stack([u * (1 + 0.1 * j) for j in range(n)]).astype(np.float32) for s in stored}
+    x = {s: v.copy() for s, v in d.items()}
+    kb, _ = lib.append(kb, x, d, [Entry(f"e{j}", j) for j in range(n)], [item_digest(f"e{j}", j, 0) for j in range(n)])
+    return lib.open(kb), u
+
+
+def test_kb_spacing_is_the_median_nearest_other_distance(tmp_path):
+    opened, _ = _line_kb(tmp_path)
+    expected = float(np.median([0.1 / (1 + 0.1 * j) for j in range(5)]))
+    assert adaptive.kb_spacing(opened, 3) == pytest.approx(expected, rel=1e-2)
+    assert adaptive.kb_spacing(opened, 3, sample=2) == pytest.approx(np.median([0.1, 0.1 / 1.4]), rel=1e-2)  # entries 0 and 4
+    cache = adaptive.SpacingCache(size=2)
+    assert cache.get(opened, 3, "a") == pytest.approx(expected, rel=1e-2)
+    cache._values[("a", 5, 3, adaptive.SPACING_SAMPLE)] = 9.0  # a cached value is reused for the same KB size
+    assert cache.get(opened, 3, "a") == 9.0
+    cache.get(opened, 4, "a"), cache.get(opened, 6, "a")
+    assert len(cache._values) == 2
+
+
+def test_explore_reason_warm_up_then_density():
+    ex = adaptive.Exploration(min_trajectories=10, density_factor=1.5)
+    assert "holds 3 of the 10" in adaptive.explore_reason(3, 0.01, ex, 0.5)  # warm-up: even a close key
+    assert adaptive.explore_reason(10, 0.74, ex, 0.5) == ""
+    assert "1.5 x the KB's spacing 0.500" in adaptive.explore_reason(10, 0.76, ex, 0.5)
+    assert adaptive.explore_reason(10, 5.0, adaptive.Exploration(10, 0.0), 0.5) == ""  # density rule off
+    assert adaptive.explore_reason(10, 5.0, ex, float("inf")) == ""  # no spacing (a KB of one entry)
+    assert adaptive.explore_reason(0, 5.0, None, 0.5) == ""  # not learning: no exploration
+    for preset in adaptive.PRESETS:  # every preset has its rule, fidelity (the default) warms up least
+        assert adaptive.EXPLORATION[preset].min_trajectories >= adaptive.EXPLORATION["fidelity"].min_trajectories
+
+
+def test_exploration_sends_a_small_or_uncovered_kb_to_full_sampling(tmp_path):
+    opened, u = _line_kb(tmp_path)
+    k, tiers = 3, [adaptive.Tier(0.5, 14)]
+    perp = np.random.default_rng(2).normal(size=SHAPE).astype(np.float32)
+    perp -= u * (perp * u).sum() / (u * u).sum()
+    perp *= 2 / np.linalg.norm(perp)  # 2 off the line: relative distance 0.2 from key 0
+    key0 = opened.full_keys("denoised", k, [0]).reshape(SHAPE)
+    q = np.stack([key0, key0 + perp])
+    state = KeyState(x=np.zeros((2, *SHAPE), np.float32), denoised=q, eps=np.ones((2, *SHAPE), np.float32))
+    sigmas = list(np.linspace(10, 0, 21))
+    rng_state = np.random.get_state()
+    plain = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas)
+    assert plain.value_steps.tolist() == [14, 14] and not plain.explored.any()  # no rule: both jump (as before)
+    warm = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas, explore=adaptive.Exploration(6, 1.5))
+    assert warm.value_steps.tolist() == [3, 3] and warm.explored.tolist() == [True, True]
+    assert "holds 5 of the 6" in warm.reports[0].reason
+    np.testing.assert_array_equal(warm.x_start, state.x)
+    dense = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas, explore=adaptive.Exploration(5, 1.5))
+    assert dense.value_steps.tolist() == [14, 3] and dense.explored.tolist() == [False, True]  # 0.2 > 1.5 x 0.083
+    assert "spacing 0.08" in dense.reports[1].reason
+    again = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas, explore=adaptive.Exploration(5, 1.5))
+    assert again.value_steps.tolist() == dense.value_steps.tolist()  # deterministic: no random draw
+    np.testing.assert_array_equal(again.x_start, dense.x_start)
+    given = adaptive.retrieve_adaptive(opened, state, k, tiers, sigmas, explore=adaptive.Exploration(5, 1.5), spacing=0.5)
+    assert given.value_steps.tolist() == [14, 14]  # a sparser KB: 0.2 is within 1.5 x its spacing
+    assert all(a == b for a, b in zip(np.random.get_state()[1], rng_state[1]))  # the global RNG is untouched
+    empty = adaptive.retrieve_adaptive(None, state, k, tiers, sigmas, explore=adaptive.Exploration(5, 1.5))
+    assert empty.explored.all() and (empty.value_steps == k).all()

@@ -79,6 +79,28 @@ def test_append_dedups_and_keeps_whole_trajectories(tmp_path):
     assert validate_kb(kb.path) == 4
 
 
+def test_append_batch_locked_commits_under_the_callers_lock(tmp_path):
+    """The writer's public commit for a caller holding the lock (the library's dedup-then-commit);
+    the library uses no private name of the writer."""
+    import ast
+
+    from kb_tools.storage.disk_format import read_header
+    from kb_tools.storage.writer import append_batch_locked, create_kb, kb_lock
+
+    path = tmp_path / "kb"
+    create_kb(path, run_fp(stored_steps=library_steps(20)))
+    x, d = rows(2, 3)
+    with kb_lock(path):
+        header = read_header(path)
+        assert append_batch_locked(path, header, x, d, []).count == 0  # nothing to commit: no log line
+        state = append_batch_locked(path, header, x, d, [Entry("cond:a", 1), Entry("cond:b", 2)], unit="rec:u1")
+    assert state.count == 2 and "rec:u1" in state.units and validate_kb(path) == 2
+    tree = ast.parse((ROOT / "kb_tools" / "library.py").read_text())
+    private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("writer")
+               for a in n.names if a.name.startswith("_")]
+    assert private == []
+
+
 def test_cap_rotates_to_a_generation_that_keeps_coverage(tmp_path):
     lib = Library(tmp_path / "lib", cap=40)
     kb = lib.find_or_create(run_fp())
