@@ -75,8 +75,24 @@ def _open_from_template_browser(frontend, name: str) -> None:
     browser.get_by_text(PACK, exact=True).first.click()
     thumbs = browser.get_by_role("img", name=title)
     thumbs.first.wait_for(state="visible", timeout=20000)
-    for t in workflows.TITLES.values():
-        assert browser.get_by_role("img", name=t).count() >= 1, f"{t!r} has no card with its thumbnail"
+    # the grid renders the cards near its viewport: scroll through it, as a user does, collecting them
+    seen: set[str] = set()
+    for _ in range(12):
+        seen |= {t for t in workflows.TITLES.values() if browser.get_by_role("img", name=t).count() >= 1}
+        if len(seen) == len(workflows.TITLES):
+            break
+        browser.get_by_role("img").last.hover()
+        page.mouse.wheel(0, 500)
+        page.wait_for_timeout(300)
+    missing = set(workflows.TITLES.values()) - seen
+    assert not missing, f"{sorted(missing)} have no card with its thumbnail"
+    for _ in range(12):  # and back up to the card to open
+        if thumbs.count():
+            break
+        browser.get_by_role("img").first.hover()
+        page.mouse.wheel(0, -500)
+        page.wait_for_timeout(300)
+    thumbs.first.wait_for(state="visible", timeout=20000)
     assert page.evaluate("(t) => [...document.querySelectorAll('[role=dialog] img')].some((i) => i.alt === t && i.naturalWidth > 0)", title)
     frontend.screenshot("template_browser")
     thumbs.first.click()
