@@ -145,12 +145,8 @@ class ReDiKSampler(io.ComfyNode):
                     recording.submit(lib, lkb, got[0], got[1], [sigs[i] for i in idx], seed, idx.tolist(), [text] * len(idx))
                     recorded += len(idx)
         if lib is not None:
-            held = 0 if kb is None else len(kb)
-            learn_note = (f"recording {recorded} full trajectories (in the background)" if record else
-                          "not recording" + ("" if learn else " (learn is off)") +
-                          ("" if sampler_name in recording.FINISH_EXACT else f" ({sampler_name} has a multistep history: use ReDi Record on a stock KSampler)") +
-                          ("" if content_positive is None else " (content conditioning: the key phase is not the full prompt's)"))
-            lines = [f"library {library.strip()}: KB {lkb.name}, {held} trajectories; {learn_note}"] + lines
+            lines = [library_line(library.strip(), lkb, kb, record, recorded, learn, sampler_name, content_positive is not None,
+                                  "stock KSampler")] + lines
         lines += [nfe_line(counter.calls, key_calls, sampler_name, k)] + notes
         result = dict(latent_image)
         result["samples"] = out
@@ -165,6 +161,17 @@ def library_inputs() -> list:
         io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
         io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),
     ]
+
+
+def library_line(name: str, lkb, kb, record: bool, recorded: int, learn: bool, sampler_name: str, has_content: bool,
+                 stock: str) -> str:
+    """The report's first line with a library: which KB it used, its size, and whether (or why not) this run recorded."""
+    held = 0 if kb is None else len(kb)
+    learn_note = (f"recording {recorded} full trajectories (in the background)" if record else
+                  "not recording" + ("" if learn else " (learn is off)") +
+                  ("" if sampler_name in recording.FINISH_EXACT else f" ({sampler_name} has a multistep history: use ReDi Record on a {stock})") +
+                  (" (content conditioning: the key phase is not the full prompt's)" if has_content else ""))
+    return f"library {name}: KB {lkb.name}, {held} trajectories; {learn_note}"
 
 
 def exploration(lkb, kb, key_step: int, preset: str, record: bool) -> tuple[adaptive.Exploration | None, float | None]:

@@ -16,7 +16,7 @@ from ..kb_tools.library import DEFAULT_CAP, Library, library_root
 from ..redi_core import adaptive
 from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
 from . import kb_types
-from .redi_ksampler import exploration, library_inputs, redi_inputs
+from .redi_ksampler import exploration, library_inputs, library_line, redi_inputs
 
 
 class ReDiSamplerImpl(comfy.samplers.Sampler):
@@ -173,13 +173,9 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                 recording.submit(self.library, lkb, got[0], got[1], [sigs[i] for i in idx], int(extra_args.get("seed", 0) or 0),
                                  idx.tolist())
                 recorded = len(idx)
-        held = 0 if kb is None else len(kb)
-        learn_note = (f"recording {recorded} full trajectories (in the background)" if record else
-                      "not recording" + ("" if self.learn else " (learn is off)") +
-                      ("" if self.inner_name in recording.FINISH_EXACT else
-                       f" ({self.inner_name} has a multistep history: use ReDi Record on a stock sampler)") +
-                      ("" if self.content is None else " (content conditioning: the key phase is not the full prompt's)"))
-        return self._report(out, [f"library {self.library_name}: KB {lkb.name}, {held} trajectories; {learn_note}"] + lines + notes)
+        first = library_line(self.library_name, lkb, kb, record, recorded, self.learn, self.inner_name, self.content is not None,
+                             "stock sampler")
+        return self._report(out, [first] + lines + notes)
 
 
 class ReDiSampler(io.ComfyNode):

@@ -83,11 +83,8 @@ def predict(net: EvalNet, images: np.ndarray) -> tuple[dict[str, np.ndarray], np
 
 def accuracy(net: EvalNet, images: np.ndarray, samples: list[dataset.Sample]) -> dict[str, float]:
     """Per-attribute accuracy (0..1) of `images` against the prompts of `samples`."""
-    if len(images) != len(samples):
-        raise ValueError(f"got {len(images)} images for {len(samples)} prompts; give one image per prompt")
-    preds, _ = predict(net, images)
-    truth = dataset.attribute_array(samples)
-    return {k: float((preds[k] == truth[k]).mean()) for k in dataset.ATTRIBUTES}
+    ok = correct(net, images, samples)
+    return {k: float(ok[:, i].mean()) for i, k in enumerate(dataset.ATTRIBUTES)}
 
 
 def correct(net: EvalNet, images: np.ndarray, samples: list[dataset.Sample]) -> np.ndarray:
