@@ -26,13 +26,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    try:
-        from server import PromptServer
-    except ImportError:  # headless tools import the nodes without a server
+    server = kb_types.prompt_server()
+    if server is None:
         return
-    if getattr(PromptServer, "instance", None) is None:
-        return
-    routes = PromptServer.instance.routes
+    routes = server.routes
     _registered = True
 
     @routes.get("/redi/info")

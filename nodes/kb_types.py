@@ -89,21 +89,25 @@ def report(lines: list[str]) -> dict:
     return {"redi_report": lines}
 
 
+def prompt_server():
+    """ComfyUI's running PromptServer, or None (headless tools import the nodes without a server)."""
+    server_module = sys.modules.get("server")  # ComfyUI's server.py
+    return getattr(getattr(server_module, "PromptServer", None), "instance", None)
+
+
 def send_report(node_id: str | None, lines: list[str]) -> None:
     """Show `lines` on a node after it ran, from code that runs later than the node's execute
     (a SAMPLER or model patch reports once sampling is done). web/redi.js listens for it."""
     if not node_id or not lines:
         return
-    server_module = sys.modules.get("server")  # ComfyUI's server.py; not imported in headless tools
-    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    server = prompt_server()
     if server is not None:
         server.send_sync("redi.report", {"node": node_id, "lines": list(lines)}, server.client_id)
 
 
 def send_kb_list() -> None:
     """Tell every open frontend which KBs exist now (web/redi.js updates each ReDi KB Loader's list)."""
-    server_module = sys.modules.get("server")
-    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    server = prompt_server()
     if server is not None:
         try:
             server.send_sync("redi.kbs", {"kbs": list_kbs()})  # no client id: to every client
@@ -113,8 +117,7 @@ def send_kb_list() -> None:
 
 def current_prompt_id() -> str | None:
     """The id of the prompt the server is executing (None outside a ComfyUI server)."""
-    server_module = sys.modules.get("server")
-    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    server = prompt_server()
     return getattr(server, "last_prompt_id", None) if server is not None else None
 
 

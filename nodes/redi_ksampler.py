@@ -85,7 +85,7 @@ class ReDiKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, key_step,
                 value_step, neighbours, key_space, max_key_distance, max_residual, kb=None, content_positive=None,
-                max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed="fixed k/v", learn=True,
+                max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed=adaptive.FIXED, learn=True,
                 max_trajectories=DEFAULT_CAP, store_prompt_text=False) -> io.NodeOutput:
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         if latent_image.get("noise_mask") is not None or torch.count_nonzero(latent) > 0:
@@ -100,8 +100,7 @@ class ReDiKSampler(io.ComfyNode):
             if lkb.count == 0:  # a new (or still empty) library KB: every KB Loader may list it now
                 kb_types.send_kb_list()
             kb = lib.open(lkb)
-            if speed == "fixed k/v":
-                speed = "fidelity"  # a library KB stores its own steps; fidelity: the preset measured within every quality target (README)
+            speed = adaptive.library_preset(speed)
         elif kb is None:
             raise KBError("ReDi KSampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
         else:
@@ -112,7 +111,7 @@ class ReDiKSampler(io.ComfyNode):
         phases = comfy_adapter.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
         noise = comfy.sample.prepare_noise(latent, seed)
         key_positive = content_positive if content_positive is not None else positive
-        if speed == "fixed k/v":
+        if speed == adaptive.FIXED:
             params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
                                                 latent.shape[0], max_weight_deviation)
             state = phases.key_phase(key_positive, latent, noise, seed, params.key_step)
@@ -156,7 +155,7 @@ class ReDiKSampler(io.ComfyNode):
 def library_inputs() -> list:
     return [
         io.String.Input("library", default="", optional=True, tooltip="Work from a KB library instead of a connected KB: a folder name under models/redi_kb. For each run it uses the KB that fits the model, sampler, scheduler, steps, cfg, size and negative prompt, and creates an empty one when none does. Empty: use the connected KB (as before)."),
-        io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default="fixed k/v", optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: fidelity, the preset measured within the quality targets)."),
+        io.Combo.Input("speed", options=adaptive.PRESET_OPTIONS, default=adaptive.FIXED, optional=True, tooltip="Speed vs fidelity: each image's value step follows how close its nearest stored trajectory is (close: jump further; far: less; poor: sample in full). fidelity skips least, speed most. 'fixed k/v' uses key_step and value_step for every image (with a library: fidelity, the preset measured within the quality targets)."),
         io.Boolean.Input("learn", default=True, optional=True, tooltip="With a library: add every image sampled in full (an empty or sparse KB, the guard's fallback) to the library's KB as it finishes, at no extra UNet call. Images that jumped are never added. While learning, the library also explores: it samples in full (and records) every image while its KB is small (under 100 trajectories with balanced or speed) and an image whose nearest stored trajectory is much farther than the KB's usual spacing."),
         io.Boolean.Input("store_prompt_text", default=False, optional=True, tooltip="With learn: store the prompt text of the CLIPTextEncode wired into `positive` with each recorded trajectory (shown in the report's neighbour lines). Off (the default): store only a conditioning signature hash, so the library can be shared without your prompts."),
         io.Int.Input("max_trajectories", default=DEFAULT_CAP, min=2, max=10_000_000, optional=True, tooltip="Size cap of each library KB. At the cap the library starts a new generation of the KB that keeps a coverage-preserving half of the old one (the format cannot delete entries); `python -m kb_tools library prune` removes old generations."),

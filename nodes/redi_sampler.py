@@ -28,7 +28,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
 
     def __init__(self, sampler_name, kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, content=None,
                  max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library: Library | None = None,
-                 speed: str = "fixed k/v", learn: bool = True, library_name: str = ""):
+                 speed: str = adaptive.FIXED, learn: bool = True, library_name: str = ""):
         self.inner_name = sampler_name
         self.kb = kb
         self.content = content
@@ -77,7 +77,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
                           "feed ReDi from a scheduler node with those settings")
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
-        if self.speed != "fixed k/v":
+        if self.speed != adaptive.FIXED:
             return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
                                          kb, None, self.speed, notes)
         params = kb_match.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
@@ -140,7 +140,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
 
     def _sample_library(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
         lkb, kb = self._library_kb(model_wrap, sigmas, noise, latent_image)
-        speed = "fidelity" if self.speed == "fixed k/v" else self.speed  # as ReDi KSampler: the preset measured within the targets
+        speed = adaptive.library_preset(self.speed)
         return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
                                      kb, lkb, speed, [])
 
@@ -203,7 +203,7 @@ class ReDiSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler_name, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, kb=None,
-                content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed="fixed k/v",
+                content_positive=None, max_weight_deviation=GUARD_DEFAULTS["max_weight_deviation"], library="", speed=adaptive.FIXED,
                 learn=True, max_trajectories=DEFAULT_CAP) -> io.NodeOutput:
         comfy_adapter.check_sampler(sampler_name)
         lib = None
@@ -212,7 +212,7 @@ class ReDiSampler(io.ComfyNode):
             kb = None  # the library's KB is chosen per run, when the sampler sees the schedule, cfg and negative prompt
         elif kb is None:
             raise KBError("ReDi Sampler needs a knowledge base: connect ReDi KB Loader to `kb`, or name a library in `library` (e.g. my_library)")
-        elif speed == "fixed k/v":
+        elif speed == adaptive.FIXED:
             ReDiParams(key_step, value_step, neighbours, "latent", max_key_distance, max_residual, max_weight_deviation).validate(kb.fingerprint.steps, kb)
         else:
             adaptive.plan(speed, kb.fingerprint.steps, kb.fingerprint.stored_steps)  # refuses a KB with no value step after the key step

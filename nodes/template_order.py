@@ -12,6 +12,8 @@ import os
 
 from aiohttp import web
 
+from . import kb_types
+
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
 _registered = False
 
@@ -42,11 +44,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    try:
-        from server import PromptServer
-    except ImportError:  # headless tools import the nodes without a server
-        return
-    app = getattr(getattr(PromptServer, "instance", None), "app", None)
+    app = getattr(kb_types.prompt_server(), "app", None)
     if app is None or app.frozen:
         return
     app.middlewares.append(sort_templates)

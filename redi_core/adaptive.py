@@ -30,7 +30,14 @@ PRESETS: dict[str, tuple[float, tuple[tuple[float, float], ...]]] = {
     "balanced": (0.15, ((0.6, 0.8), (1.2, 0.7))),
     "speed": (0.15, ((0.75, 0.8), (1.2, 0.7))),
 }
-PRESET_OPTIONS = ["fixed k/v", *PRESETS]
+FIXED = "fixed k/v"  # the node option: key_step and value_step for every image
+PRESET_OPTIONS = [FIXED, *PRESETS]
+
+
+def library_preset(speed: str) -> str:
+    """The preset a library run uses: a library KB stores its own steps, so "fixed k/v" means fidelity
+    (the preset measured within every quality target)."""
+    return "fidelity" if speed == FIXED else speed
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,10 @@ def test_exploration_sends_a_small_or_uncovered_kb_to_full_sampling(tmp_path):
     assert all(a == b for a, b in zip(np.random.get_state()[1], rng_state[1]))  # the global RNG is untouched
     empty = adaptive.retrieve_adaptive(None, state, k, tiers, sigmas, explore=adaptive.Exploration(5, 1.5))
     assert empty.explored.all() and (empty.value_steps == k).all()
+
+
+def test_library_preset_maps_fixed_to_fidelity_and_keeps_presets():
+    assert adaptive.library_preset(adaptive.FIXED) == "fidelity"
+    for preset in adaptive.PRESETS:
+        assert adaptive.library_preset(preset) == preset
+    assert adaptive.PRESET_OPTIONS[0] == adaptive.FIXED
