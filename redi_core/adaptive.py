@@ -111,6 +111,29 @@ def choose(distance: float, tiers: list[Tier]) -> Tier | None:
     return None
 
 
+def fit_tiers(distance: np.ndarray, failed: dict[int, np.ndarray], max_fail: int = 0) -> list[Tier]:
+    """Tiers from measured items: `distance` holds each item's nearest relative key distance and
+    `failed[v]` whether its image failed when it jumped to value step v (items that could not jump
+    there count as not failed). Per step, farthest first: the largest bound under which at most
+    `max_fail` items fail, halfway to the next item's distance (or at the largest distance seen).
+    A nearer step is kept only where it allows more than the farther ones (a wider bound)."""
+    dist = np.asarray(distance, dtype=float)
+    order = np.argsort(dist, kind="stable")
+    d_sorted = dist[order]
+    out: list[Tier] = []
+    for v in sorted(failed, reverse=True):
+        bad = np.cumsum(np.asarray(failed[v], dtype=bool)[order])
+        ok = np.flatnonzero(bad <= max_fail)
+        if not len(ok):
+            continue
+        last = int(ok[-1])
+        bound = float(d_sorted[last]) if last == len(order) - 1 else float((d_sorted[last] + d_sorted[last + 1]) / 2)
+        if out and bound <= out[-1].max_distance:
+            continue
+        out.append(Tier(bound, int(v)))
+    return out
+
+
 def kb_spacing(kb: KBView, key_step: int, sample: int = SPACING_SAMPLE) -> float:
     """The KB's density at the key step: the median relative distance (to the stored key's norm, as
     the retrieval measures a query's) from a stored denoised key to its nearest OTHER stored key,

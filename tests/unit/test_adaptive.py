@@ -151,3 +151,17 @@ def test_library_preset_maps_fixed_to_fidelity_and_keeps_presets():
     for preset in adaptive.PRESETS:
         assert adaptive.library_preset(preset) == preset
     assert adaptive.PRESET_OPTIONS[0] == adaptive.FIXED
+
+
+def test_fit_tiers_bounds_each_step_below_its_first_failures():
+    dist = np.array([0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
+    failed = {16: np.array([0, 0, 1, 0, 1, 1], bool), 12: np.array([0, 0, 0, 0, 0, 1], bool), 10: np.zeros(6, bool)}
+    tiers = adaptive.fit_tiers(dist, failed)
+    assert [(t.value_step, round(t.max_distance, 3)) for t in tiers] == [(16, 0.5), (12, 1.1), (10, 1.2)]
+    # one failure allowed per step: 16 reaches past its first failure up to the second
+    tiers = adaptive.fit_tiers(dist, failed, max_fail=1)
+    assert [(t.value_step, round(t.max_distance, 3)) for t in tiers] == [(16, 0.9), (12, 1.2)]
+    # a nearer step that allows no more than a farther one is dropped; a step failing everywhere gives no tier
+    tiers = adaptive.fit_tiers(dist, {16: np.zeros(6, bool), 14: np.ones(6, bool), 12: np.zeros(6, bool)})
+    assert [(t.value_step, t.max_distance) for t in tiers] == [(16, 1.2)]
+    assert adaptive.choose(0.45, adaptive.fit_tiers(dist, failed)).value_step == 16
