@@ -23,7 +23,7 @@ from ..kb_tools.library import RECORDER, Library, LibraryKB, Recording, item_dig
 from ..kb_tools.storage.disk_format import Entry, Fingerprint
 from . import identity
 from .samplers import OWN_STEPS, RESTART_FAILS
-from .sampling import Capture, ksampler_sigmas
+from .sampling import Capture, scheduler_of
 
 # samplers with no multistep history: a finish from step k continues the full run's trajectory exactly
 # (with the run's own noise plan for the ancestral ones)
@@ -102,20 +102,6 @@ def sampler_name_of(sampler) -> str | None:
     name = getattr(fn, "__name__", "").removeprefix("sample_")
     if name in comfy.samplers.KSAMPLER_NAMES and name not in OWN_STEPS and name not in RESTART_FAILS:
         return name
-    return None
-
-
-def scheduler_of(model, sampler: str, sigmas: torch.Tensor) -> str | None:
-    """Which stock scheduler made `sigmas` (a full txt2img schedule), or None."""
-    steps = len(sigmas) - 1
-    s = sigmas.float().cpu()
-    for sched in comfy.samplers.SCHEDULER_NAMES:
-        try:
-            ref = ksampler_sigmas(model, sampler, sched, steps)
-        except Exception:  # a scheduler that needs other inputs
-            continue
-        if ref.shape == s.shape and torch.allclose(ref.float(), s, rtol=1e-4, atol=1e-5):
-            return sched
     return None
 
 

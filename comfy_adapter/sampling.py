@@ -44,18 +44,33 @@ def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Te
     return comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler, scheduler=scheduler, denoise=1.0).sigmas.cpu()
 
 
+_SCHEDULER_CACHE: dict[tuple, str | None] = {}
+
+
 def scheduler_of(model, sampler: str, sigmas: torch.Tensor) -> str | None:
     """The stock scheduler whose schedule (for this model, sampler and step count) equals `sigmas`;
-    None for a schedule no stock scheduler makes (a custom sigmas node, denoise below 1, ...)."""
+    None for a schedule no stock scheduler makes (a custom sigmas node, denoise below 1, ...).
+    Cached per model sampling, sampler and schedule: every recorded run asks (ReDi Record)."""
     steps, got = len(sigmas) - 1, sigmas.float().cpu()
+    ms = model.get_model_object("model_sampling")
+    table = getattr(ms, "sigmas", None)  # a discrete model's whole noise table (zsnr, other betas)
+    key = (type(ms).__qualname__, float(ms.sigma_min), float(ms.sigma_max), getattr(ms, "shift", None),
+           None if table is None else table.float().cpu().numpy().tobytes(), sampler, got.numpy().tobytes())
+    if key in _SCHEDULER_CACHE:
+        return _SCHEDULER_CACHE[key]
+    found = None
     for name in comfy.samplers.SCHEDULER_NAMES:
         try:
             ref = ksampler_sigmas(model, sampler, name, steps)
         except Exception:  # a scheduler that cannot make this schedule (too few steps, ...): not this one
             continue
         if ref.shape == got.shape and torch.allclose(got, ref.float(), rtol=1e-4, atol=1e-5):
-            return name
-    return None
+            found = name
+            break
+    if len(_SCHEDULER_CACHE) >= 64:
+        _SCHEDULER_CACHE.pop(next(iter(_SCHEDULER_CACHE)))
+    _SCHEDULER_CACHE[key] = found
+    return found
 
 
 def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:

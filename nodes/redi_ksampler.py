@@ -123,7 +123,7 @@ class ReDiKSampler(io.ComfyNode):
             k = params.key_step
         else:
             stored = lkb.fingerprint.stored_steps if lkb is not None else kb.fingerprint.stored_steps
-            k, tiers = adaptive.plan(speed, steps, stored)
+            k, tiers = adaptive.plan(speed, steps, stored, len(kb) if kb is not None else 0)
             state = phases.key_phase(key_positive, latent, noise, seed, k)
             key_calls = counter.calls
             explore, spacing = exploration(lkb, kb, k, speed, record)

@@ -150,7 +150,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         (`lkb`; then items sampled in full are recorded when learning)."""
         steps = len(sigmas) - 1
         stored = lkb.fingerprint.stored_steps if lkb is not None else kb.fingerprint.stored_steps
-        k, tiers = adaptive.plan(speed, steps, stored)
+        k, tiers = adaptive.plan(speed, steps, stored, len(kb) if kb is not None else 0)
         record = (lkb is not None and self.learn and self.content is None and self.inner_name in recording.FINISH_EXACT
                   and denoise_mask is None)
         x_k, key, plan = self._key_phase(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k)

@@ -250,15 +250,16 @@ def fmt(e, digits: int = 2, sign: bool = True) -> str:
 
 
 def report(args) -> None:
-    calib, test = load(args.out, "calib", args.kb), load(args.out, "test", args.kb)
+    test = load(args.out, "test", args.kb)
+    calib = load(args.out, "calib", args.kb) if (args.out / f"skip_calib_kb{args.kb}.npz").is_file() else None
     real_imgs, _ = evaluator.real_images(1000, 31337)
     real = ps.RealStats.of(evaluator.predict(evaluator.load(), real_imgs)[1])
     presets = {}
     if args.tiers:
         for spec in args.tiers.split(";"):
             k, rest = spec.split(":")
-            presets[f"given k={k}"] = (int(k), [(int(v), float(b)) for v, b in (t.split("@") for t in rest.split(","))])
-    for k in KEYS:
+            presets[f"given k={k}: {rest}"] = (int(k), [(int(v), float(b)) for v, b in (t.split("@") for t in rest.split(","))])
+    for k in KEYS if calib is not None else ():
         for attributes in (False, True):
             for mf in (0, 1):
                 crit = "< 15 dB or attribute lost" if attributes else "< 15 dB"
@@ -305,20 +306,60 @@ def report(args) -> None:
     (args.out / f"skip_report_kb{args.kb}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
 
 
+def validate(args) -> None:
+    """The shipped preset through the ReDi KSampler node itself (the library, learn off) on the test
+    split: each image must be the candidate the offline rule picks (the same PSNR to the full run and
+    the same evaluator features), with the same UNet calls."""
+    s = bl.Session(args.out, "balanced", fresh=False)
+    ad = importlib.import_module("redi_accelerate.redi_core.adaptive")
+    steps_of = importlib.import_module("redi_accelerate.kb_tools.library").library_steps
+    bfr = importlib.import_module("benchmark_feature_reuse")
+    fr = importlib.import_module("redi_accelerate.nodes.feature_reuse")
+    meta = json.loads((args.out / f"skip_test_kb{args.kb}.json").read_text())
+    test = load(args.out, "test", args.kb)
+    n = min(args.queries, len(meta["prompts"]))
+    model = s.model
+    if args.fr:
+        model = bfr.patch_fr(fr, s.model, {**next(x for x in bfr.fr_settings() if x["name"] == bfr.DEFAULT_NAME), "start": 0.25})
+    k, tiers = ad.plan(args.preset, bl.STEPS, steps_of(bl.STEPS), args.kb)
+    res = pick(test, k, [(t.value_step, t.max_distance) for t in tiers], args.fr)
+    same, calls_ok, dpsnr, dfeat = 0, 0, 0.0, 0.0
+    for i in range(n):
+        cond = s.kb_nodes.encode_batch(s.clip, [meta["prompts"][i]])
+        counter = s.rk.NFECounter()
+        out = s.rk.ReDiKSampler.execute(counter.attach(model), meta["seeds"][i], bl.STEPS, bl.CFG, bl.SAMPLER, bl.SCHEDULER, cond,
+                                        s.negative, {"samples": torch.zeros(1, 4, 8, 8)}, 4, 10, 1, "auto", 1.5, 0.0,
+                                        library=LIBRARY, speed=args.preset, learn=False).result[0]["samples"]
+        img = s.decode(out.float().cpu())
+        full, _ = s.full(cond, meta["seeds"][i])
+        p = float(evaluator.psnr(img, s.decode(full))[0])
+        feat = evaluator.predict(s.net, img)[1][0]
+        want_p = float(min(res["psnr"][i], PSNR_CAP))
+        dp = abs(min(p, PSNR_CAP) - want_p)
+        df = float(np.abs(feat - res["feats"][i]).max())
+        dpsnr, dfeat = max(dpsnr, dp), max(dfeat, df)
+        same += dp < 0.05 and df < 1e-3
+        calls_ok += int(round(counter.calls)) == int(round(res["calls"][i]))
+    print(f"{args.preset}{' + FeatureReuse' if args.fr else ''}, KB of {args.kb}, tiers {[(t.value_step, t.max_distance) for t in tiers]}: "
+          f"{same} of {n} node images are the offline pick (largest differences: {dpsnr:.3f} dB, features {dfeat:.2e}); "
+          f"UNet calls equal for {calls_ok} of {n}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["measure", "report"])
+    p.add_argument("mode", choices=["measure", "report", "validate"])
     p.add_argument("--kb", type=int, default=5000)
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--split", choices=list(SPLITS), default="calib")
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--fr", action="store_true", help="also finish every jump on a FeatureReuse-patched model")
     p.add_argument("--sd15-times", default="out/sd15_times_256.json")
+    p.add_argument("--preset", default="balanced", help="validate: the preset run through the node")
     p.add_argument("--tiers", default="", help="rules to evaluate, e.g. '3:16@0.6,14@1.2;2:14@0.9'")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    measure(args) if args.mode == "measure" else report(args)
+    {"measure": measure, "report": report, "validate": validate}[args.mode](args)
 
 
 if __name__ == "__main__":

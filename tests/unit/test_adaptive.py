@@ -22,13 +22,13 @@ def test_plan_snaps_to_stored_steps_and_orders_tiers():
         assert k in stored and all(t.value_step in stored and t.value_step > k for t in tiers)
         assert [t.max_distance for t in tiers] == sorted(t.max_distance for t in tiers)  # farthest jump needs the closest match
         assert [t.value_step for t in tiers] == sorted((t.value_step for t in tiers), reverse=True)
-    # at every distance, speed jumps at least as far as balanced, and balanced as far as fidelity
+    # at every distance, speed skips at least as many steps as balanced, and balanced as fidelity
     plans = {p: adaptive.plan(p, 20, stored) for p in ("fidelity", "balanced", "speed")}
 
     def jump(preset, dist):
         k, tiers = plans[preset]
         t = adaptive.choose(dist, tiers)
-        return k if t is None else t.value_step
+        return 0 if t is None else t.value_step - k
 
     for dist in np.linspace(0, 1.5, 61):
         assert jump("speed", dist) >= jump("balanced", dist) >= jump("fidelity", dist), dist
@@ -165,3 +165,19 @@ def test_fit_tiers_bounds_each_step_below_its_first_failures():
     tiers = adaptive.fit_tiers(dist, {16: np.zeros(6, bool), 14: np.ones(6, bool), 12: np.zeros(6, bool)})
     assert [(t.value_step, t.max_distance) for t in tiers] == [(16, 1.2)]
     assert adaptive.choose(0.45, adaptive.fit_tiers(dist, failed)).value_step == 16
+
+
+def test_a_large_kb_gets_the_wide_tiers_and_no_density_exploration():
+    stored = library_steps(20)
+    for preset in adaptive.LARGE_KB_TIERS:
+        k_small, small = adaptive.plan(preset, 20, stored, adaptive.LARGE_KB - 1)
+        k_large, large = adaptive.plan(preset, 20, stored, adaptive.LARGE_KB)
+        assert k_small == k_large == 2
+        assert small == adaptive.plan(preset, 20, stored)[1]  # no count: the small-KB tiers
+        assert large[0].value_step == 16 and large[0].max_distance > small[0].max_distance
+        assert adaptive.choose(1.0, large).value_step == 16 and adaptive.choose(1.0, small).value_step == 14
+    # fidelity has no large-KB tiers
+    assert adaptive.plan("fidelity", 20, stored, 10**6) == adaptive.plan("fidelity", 20, stored)
+    ex = adaptive.EXPLORATION["balanced"]
+    assert "spacing" in adaptive.explore_reason(adaptive.LARGE_KB - 1, 5.0, ex, 0.5)
+    assert adaptive.explore_reason(adaptive.LARGE_KB, 5.0, ex, 0.5) == ""
