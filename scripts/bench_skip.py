@@ -249,6 +249,31 @@ def fmt(e, digits: int = 2, sign: bool = True) -> str:
     return f"{e.value:{'+' if sign else ''}.{digits}f} ± {e.se:.{digits}f}"
 
 
+def plot(results: dict, path: Path, kb: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in results.items():
+        euler = label.startswith("euler")
+        style = dict(color="gray", marker="s") if euler else dict(color="tab:purple" if "FeatureReuse" in label else "tab:blue", marker="o")
+        x = r["sd15"]["value"]
+        ax[0].errorbar(x, r["acc_diff"]["value"], yerr=2 * r["acc_diff"]["se"], ls="none", **style)
+        ax[1].plot(x, 100 * r["fail_share"]["value"], ls="none", **style)
+        if euler:
+            ax[0].annotate(label.split()[1], (x, r["acc_diff"]["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax[0].axhline(-2, color="red", ls="--", lw=0.8)
+    ax[0].set(xlabel="SD1.5-size cost (x full run)", ylabel="accuracy - full run's, points (2 SE)",
+              title=f"per-image skip, KB of {kb} (blue ReDi, purple + FeatureReuse, gray euler N steps)")
+    ax[1].set(xlabel="SD1.5-size cost (x full run)", ylabel="% of images failing (< 15 dB or an attribute lost)", title="per-image failures")
+    ax[0].title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(args) -> None:
     test = load(args.out, "test", args.kb)
     calib = load(args.out, "calib", args.kb) if (args.out / f"skip_calib_kb{args.kb}.npz").is_file() else None
@@ -293,13 +318,14 @@ def report(args) -> None:
     idx = ps.bootstrap_indices(len(test["dist|k2"]), 200, 11)
     for label, res in picked.items():
         cost = float(np.mean(res["sd15"]))
-        n = min((m for m in FEWER if m / 20 >= cost - 1e-9), default=FEWER[-1])
+        n = min((m for m in FEWER if m / 20 >= cost - 1e-3), default=FEWER[-1])
         e = f"euler {n}"
         pa = ps.paired(res["correct"].mean(axis=1) * 100, test[f"{e}|correct"].mean(axis=1) * 100)
         pp = ps.paired(np.minimum(res["psnr"], PSNR_CAP), np.minimum(test[f"{e}|psnr"], PSNR_CAP))
         pf = ps.paired_frechet(res["feats"], test[f"{e}|feats"], real, idx)
         results[label][f"vs {e}"] = {"acc": vars(pa.diff), "psnr": vars(pp.diff), "psnr_share": pp.share_a_larger, "frechet": vars(pf)}
         lines.append(f"| {label} | {n} | {fmt(pa.diff)} | {fmt(pp.diff)} ({pp.share_a_larger * 100:.0f}%) | {fmt(pf)} |")
+    plot(results, args.out / f"skip_kb{args.kb}.png", args.kb)
     text = "\n".join(lines)
     print(text)
     (args.out / f"skip_report_kb{args.kb}.md").write_text(text + "\n")
