@@ -140,7 +140,7 @@ def window_row(s: Session, rows: list[dict], start: int, reps: int) -> dict:
     }
 
 
-def plot(windows: list[dict], path: Path) -> None:
+def plot(windows: list[dict], path: Path, baselines: dict[str, list[dict]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,10 +159,77 @@ def plot(windows: list[dict], path: Path) -> None:
     ax[1].legend(fontsize=7)
     ax[2].errorbar(x, [w["frechet"] for w in windows], yerr=[2 * w["frechet_se"] for w in windows], fmt="o-", label="ReDi (2 SE)")
     ax[2].plot(x, [w["frechet_full"] for w in windows], "s--", label="full")
+    for name, rows in (baselines or {}).items():  # the same stream with fewer steps or EasyCache, at about the same cost
+        bx = [w["end"] for w in rows]
+        ax[0].plot(bx, [w["calls_ratio"] for w in rows], ":", marker=".", label=name)
+        ax[1].plot(bx, [w["accuracy"] for w in rows], ":", marker=".", label=name)
+        ax[2].plot(bx, [w["frechet"] for w in rows], ":", marker=".", label=name)
+    ax[0].legend(fontsize=7)
+    ax[1].legend(fontsize=7)
     ax[2].set(xlabel="generations", ylabel="Frechet distance", title="Frechet")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+BASELINES = {"euler 8 steps": ("steps", 8), "euler 9 steps": ("steps", 9), "EasyCache 0.3": ("easycache", 0.3),
+             "EasyCache 0.4": ("easycache", 0.4)}
+
+
+def baselines(out: Path, reps: int) -> None:
+    """The stream of OUT/results.json again with fewer steps and with EasyCache (one generation at a
+    time, as a queue runs them), per window beside the curve: calls ratio (UNet calls over the full
+    run's), accuracy, Frechet, images under 15 dB. Stored in results.json["baselines"]; re-plots."""
+    res = json.loads((out / "results.json").read_text())
+    s = Session(out, res["preset"], fresh=False)
+    from comfy_extras.nodes_easycache import EasyCacheNode  # ComfyUI's path is set up by the session
+
+    stream = session_stream(res["generations"], res["seed"])
+    seeds = [it["seed"] for it in res["per_image"]]
+    window = res["window"]
+    refs, conds = [], {}
+    for smp, seed in zip(stream, seeds):
+        if smp.prompt() not in conds:
+            conds[smp.prompt()] = s.kb_nodes.encode_batch(s.clip, [smp.prompt()])
+        refs.append(s.decode(s.full(conds[smp.prompt()], seed)[0])[0])
+    out_rows: dict[str, list[dict]] = {}
+    for name, (kind, val) in BASELINES.items():
+        model = EasyCacheNode.execute(s.model, val, 0.15, 0.95, False).result[0] if kind == "easycache" else s.model
+        steps = val if kind == "steps" else STEPS
+        rows = []
+        for smp, seed, ref in zip(stream, seeds, refs):
+            net = NetCalls()
+            latent = torch.zeros(1, 4, 8, 8)
+            ph = s.cs.Phases(net.attach(model), steps, CFG, SAMPLER, SCHEDULER, s.negative, preview=False)
+            img = s.decode(ph.full(conds[smp.prompt()], latent, s.cs.noise_for(latent, [seed]), seed).float().cpu())[0]
+            rows.append({"sample": smp, "img": img, "ref": ref, "calls": net.calls, "full_calls": STEPS,
+                         "psnr": float(evaluator.psnr(img[None], ref[None])[0]), "jumped": False, "explored": False,
+                         "recorded": 0, "wall": 0.0})
+        out_rows[name] = [window_row(s, rows[a : a + window], a, reps) for a in range(0, len(rows), window)]
+        w = out_rows[name][-1]
+        print(f"{name}: last window calls {w['calls_ratio']:.3f} acc {w['accuracy']:.3f}/{w['accuracy_full']:.3f} "
+              f"FD {w['frechet']:.2f}/{w['frechet_full']:.2f} <15dB {w['items_below_15db']}", flush=True)
+    res["baselines"] = out_rows
+    (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot(res["windows"], out / "learning_curve.png", out_rows)
+
+
+class NetCalls:
+    """Network calls that reached the diffusion model (EasyCache answers some steps from its cache)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def attach(self, model):
+        import comfy.patcher_extension as pe
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_net_calls", self._count)
+        return m
+
+    def _count(self, executor, *args, **kwargs):
+        self.calls += 1
+        return executor(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--explore-warmup", type=int, default=None, help="override the preset's exploration warm-up size (trajectories)")
     p.add_argument("--explore-density", type=float, default=None, help="override the preset's exploration density factor (0: off)")
+    p.add_argument("--baselines", action="store_true", help="add fewer steps and EasyCache on the same stream to OUT's curve")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.baselines:
+        return baselines(args.out, args.bootstrap)
     s = Session(args.out, args.preset)
     adaptive = importlib.import_module("redi_accelerate.redi_core.adaptive")
     rule = adaptive.EXPLORATION[args.preset]
