@@ -159,11 +159,12 @@ def plot(windows: list[dict], path: Path, baselines: dict[str, list[dict]] | Non
     ax[1].legend(fontsize=7)
     ax[2].errorbar(x, [w["frechet"] for w in windows], yerr=[2 * w["frechet_se"] for w in windows], fmt="o-", label="ReDi (2 SE)")
     ax[2].plot(x, [w["frechet_full"] for w in windows], "s--", label="full")
-    for name, rows in (baselines or {}).items():  # the same stream with fewer steps or EasyCache, at about the same cost
+    colours = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for (name, rows), c in zip((baselines or {}).items(), colours):  # the same stream, fewer steps or EasyCache, about the same cost
         bx = [w["end"] for w in rows]
-        ax[0].plot(bx, [w["calls_ratio"] for w in rows], ":", marker=".", label=name)
-        ax[1].plot(bx, [w["accuracy"] for w in rows], ":", marker=".", label=name)
-        ax[2].plot(bx, [w["frechet"] for w in rows], ":", marker=".", label=name)
+        ax[0].plot(bx, [w["calls_ratio"] for w in rows], ":", marker=".", color=c, label=name)
+        ax[1].plot(bx, [w["accuracy"] for w in rows], ":", marker=".", color=c, label=name)
+        ax[2].plot(bx, [w["frechet"] for w in rows], ":", marker=".", color=c, label=name)
     ax[0].legend(fontsize=7)
     ax[1].legend(fontsize=7)
     ax[2].set(xlabel="generations", ylabel="Frechet distance", title="Frechet")
