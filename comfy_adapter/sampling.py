@@ -47,6 +47,13 @@ def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Te
 _SCHEDULER_CACHE: dict[tuple, str | None] = {}
 
 
+def _number(value) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):  # a model sampling's attribute that is not a number: not part of the key
+        return None
+
+
 def scheduler_of(model, sampler: str, sigmas: torch.Tensor) -> str | None:
     """The stock scheduler whose schedule (for this model, sampler and step count) equals `sigmas`;
     None for a schedule no stock scheduler makes (a custom sigmas node, denoise below 1, ...).
@@ -54,8 +61,8 @@ def scheduler_of(model, sampler: str, sigmas: torch.Tensor) -> str | None:
     steps, got = len(sigmas) - 1, sigmas.float().cpu()
     ms = model.get_model_object("model_sampling")
     table = getattr(ms, "sigmas", None)  # a discrete model's whole noise table (zsnr, other betas)
-    key = (type(ms).__qualname__, float(ms.sigma_min), float(ms.sigma_max), getattr(ms, "shift", None),
-           None if table is None else table.float().cpu().numpy().tobytes(), sampler, got.numpy().tobytes())
+    key = (type(ms).__qualname__, *(_number(getattr(ms, a, None)) for a in ("sigma_min", "sigma_max", "shift", "multiplier")),
+           None if not torch.is_tensor(table) else table.float().cpu().numpy().tobytes(), sampler, got.numpy().tobytes())
     if key in _SCHEDULER_CACHE:
         return _SCHEDULER_CACHE[key]
     found = None
