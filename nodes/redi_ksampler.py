@@ -180,7 +180,7 @@ def exploration(lkb, kb, key_step: int, preset: str, record: bool) -> tuple[adap
         return None, None
     explore = adaptive.EXPLORATION[preset]
     spacing = None
-    if kb is not None and explore.density_factor > 0 and len(kb) >= explore.min_trajectories:
+    if kb is not None and explore.density_applies(len(kb)):
         spacing = adaptive.SPACING.get(kb, key_step, str(lkb.path))
     return explore, spacing
 

@@ -76,6 +76,11 @@ class Exploration:
     min_trajectories: int
     density_factor: float = 0.0
 
+    def density_applies(self, count: int) -> bool:
+        """Whether the density rule judges an item of a KB holding `count` trajectories (it needs the
+        KB's spacing then): on, past the warm-up, below LARGE_KB."""
+        return self.density_factor > 0 and self.min_trajectories <= count < LARGE_KB
+
 
 # per preset. balanced and speed (v=14-16) jump only from a KB of the calibration's size (110 entries);
 # their density factor 1.2 is measured (docs/library.md, 500 generations of balanced: with 1.5 the rule
@@ -200,7 +205,7 @@ def explore_reason(count: int, nearest: float, explore: Exploration | None, spac
         return (f"exploring: the KB holds {count} of the {explore.min_trajectories} trajectories it needs before jumping "
                 f"(nearest key at {nearest:.3f}); sampled in full and recorded")
     bound = explore.density_factor * spacing
-    if explore.density_factor > 0 and count < LARGE_KB and np.isfinite(bound) and nearest > bound:
+    if explore.density_applies(count) and np.isfinite(bound) and nearest > bound:
         return (f"exploring: nearest key at {nearest:.3f} > {explore.density_factor:g} x the KB's spacing {spacing:.3f} "
                 "(a region the KB does not cover yet); sampled in full and recorded")
     return ""
@@ -246,7 +251,7 @@ def retrieve_adaptive(kb: KBView | None, state: KeyState, key_step: int, tiers: 
     for t in tiers:
         kb.require_step(t.value_step, "value")
     count = len(kb.entries)
-    if explore is not None and spacing is None and explore.density_factor > 0 and count >= explore.min_trajectories:
+    if explore is not None and spacing is None and explore.density_applies(count):
         spacing = kb_spacing(kb, key_step)
     queries = state.denoised.reshape(b, -1).astype(np.float32)
     dist, ids = kb.search("denoised", key_step, queries, neighbours)

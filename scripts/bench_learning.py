@@ -199,11 +199,11 @@ def baselines(out: Path, reps: int) -> None:
         steps = val if kind == "steps" else STEPS
         rows = []
         for smp, seed, ref in zip(stream, seeds, refs):
-            net = NetCalls()
+            net = importlib.import_module("benchmark_feature_reuse").Accounting()
             latent = torch.zeros(1, 4, 8, 8)
             ph = s.cs.Phases(net.attach(model), steps, CFG, SAMPLER, SCHEDULER, s.negative, preview=False)
             img = s.decode(ph.full(conds[smp.prompt()], latent, s.cs.noise_for(latent, [seed]), seed).float().cpu())[0]
-            rows.append({"sample": smp, "img": img, "ref": ref, "calls": net.calls, "full_calls": STEPS,
+            rows.append({"sample": smp, "img": img, "ref": ref, "calls": net.net_calls, "full_calls": STEPS,
                          "psnr": float(evaluator.psnr(img[None], ref[None])[0]), "jumped": False, "explored": False,
                          "recorded": 0, "wall": 0.0})
         out_rows[name] = [window_row(s, rows[a : a + window], a, reps) for a in range(0, len(rows), window)]
@@ -213,24 +213,6 @@ def baselines(out: Path, reps: int) -> None:
     res["baselines"] = out_rows
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(res["windows"], out / "learning_curve.png", out_rows)
-
-
-class NetCalls:
-    """Network calls that reached the diffusion model (EasyCache answers some steps from its cache)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def attach(self, model):
-        import comfy.patcher_extension as pe
-
-        m = model.clone()
-        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "bench_net_calls", self._count)
-        return m
-
-    def _count(self, executor, *args, **kwargs):
-        self.calls += 1
-        return executor(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -181,3 +181,6 @@ def test_a_large_kb_gets_the_wide_tiers_and_no_density_exploration():
     ex = adaptive.EXPLORATION["balanced"]
     assert "spacing" in adaptive.explore_reason(adaptive.LARGE_KB - 1, 5.0, ex, 0.5)
     assert adaptive.explore_reason(adaptive.LARGE_KB, 5.0, ex, 0.5) == ""
+    # the nodes compute the KB's spacing only where the density rule judges: past the warm-up, below LARGE_KB
+    assert ex.density_applies(adaptive.LARGE_KB - 1) and not ex.density_applies(adaptive.LARGE_KB)
+    assert not ex.density_applies(ex.min_trajectories - 1) and not adaptive.Exploration(10, 0.0).density_applies(50)
