@@ -3,7 +3,7 @@
 ComfyUI (0.3.75) lists a pack's example_workflows/*.json in the order the file system returns them,
 and the frontend (1.32.9) shows them in that order under its default sort. This middleware sorts
 this pack's list (and no other pack's) in the /workflow_templates answer, so the templates read
-1 to 9."""
+1 to 12."""
 
 from __future__ import annotations
 
@@ -22,9 +22,15 @@ def own_templates() -> set[str]:
     return {f[:-5] for f in os.listdir(EXAMPLES_DIR) if f.endswith(".json")} if os.path.isdir(EXAMPLES_DIR) else set()
 
 
+def _number_first(name: str) -> tuple[int, str]:
+    head = name.split(" ", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, name)
+
+
 def sort_own(listing: dict[str, list[str]], own: set[str]) -> dict[str, list[str]]:
-    """The /workflow_templates answer with the list that holds exactly this pack's templates sorted."""
-    return {pack: sorted(names) if own and set(names) == own else names for pack, names in listing.items()}
+    """The /workflow_templates answer with the list that holds exactly this pack's templates sorted
+    by their numbers (10 after 9)."""
+    return {pack: sorted(names, key=_number_first) if own and set(names) == own else names for pack, names in listing.items()}
 
 
 @web.middleware

@@ -56,9 +56,10 @@ def load_comfy(comfy_dir: str | os.PathLike | None = None) -> Path:
 
         if not _has_cuda():
             args.cpu = True
-    from redi_demo import model_config
+    from redi_demo import dit_config, model_config
 
     model_config.register()
+    dit_config.register()
     return path
 
 

@@ -5,7 +5,7 @@ example_workflows/api/NAME.json (API format)."""
 from __future__ import annotations
 
 from redi_core.retrieval import GUARD_DEFAULTS
-from redi_demo import dataset
+from redi_demo import dataset, demo_models
 
 CKPT = "redi_demo_shapes.safetensors"
 KB_NAME = "demo_shapes_kb"
@@ -155,6 +155,37 @@ def stylize(prompt: str = STYLE_PROMPT, seed: int = 1024, prompts: str | None = 
     return g
 
 
+DIT = demo_models.MODELS["dit"]
+DIT_KB_NAME = "demo_dit_kb"
+
+
+def _on_dit(g: dict, prefix: str) -> dict:
+    """The same graph on the Flux DiT demo model, at its own scheduler and cfg (and its own KB)."""
+    g["1"]["inputs"]["ckpt_name"] = DIT.ckpt
+    for node in g.values():
+        inputs = node["inputs"]
+        if "scheduler" in inputs:
+            inputs["scheduler"] = DIT.scheduler
+        if "cfg" in inputs:
+            inputs["cfg"] = DIT.cfg
+        if inputs.get("kb_name") == KB_NAME:
+            inputs["kb_name"] = DIT_KB_NAME
+    g["9"]["inputs"]["filename_prefix"] = prefix
+    return g
+
+
+def dit_txt2img(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    return _on_dit(demo_txt2img(prompt, seed), "dit_txt2img")
+
+
+def dit_redi_ksampler(prompt: str = DEMO_PROMPT, seed: int = 1024, prompts: str | None = None) -> dict:
+    return _on_dit(redi_ksampler(prompt, seed, prompts), "dit_redi_ksampler")
+
+
+def dit_feature_reuse(prompt: str = DEMO_PROMPT, seed: int = 1024) -> dict:
+    return _on_dit(feature_reuse(prompt, seed), "dit_feature_reuse")
+
+
 # name -> builder; the tests run them in this order (the KB is built first)
 EXAMPLES = {
     "demo_txt2img": demo_txt2img,
@@ -166,6 +197,9 @@ EXAMPLES = {
     "redi_feature_reuse": redi_feature_reuse,
     "redi_record": redi_record,
     "redi_library": redi_library,
+    "dit_txt2img": dit_txt2img,
+    "dit_redi_ksampler": dit_redi_ksampler,
+    "dit_feature_reuse": dit_feature_reuse,
 }
 
 # name -> the UI file's name. The frontend's template browser (1.32.9) shows a custom node pack's
@@ -182,6 +216,9 @@ TITLES = {
     "redi_feature_reuse": "7 ReDi and FeatureReuse",
     "redi_record": "8 ReDi Record, KSampler",
     "redi_library": "9 ReDi KSampler, library",
+    "dit_txt2img": "10 DiT demo model, stock nodes",
+    "dit_redi_ksampler": "11 ReDi KSampler on the DiT",
+    "dit_feature_reuse": "12 FeatureReuse on the DiT",
 }
 
 # name -> the note each template opens with (what it shows, what to run first): the browser
@@ -213,4 +250,12 @@ NOTES = {
                     f"library's KB that fits this model and settings (`{LIBRARY}`, filled by template 8 or by this node itself). "
                     "Each image jumps as far as its nearest stored trajectory allows (`speed`), and every image sampled in full "
                     "is recorded (`learn`), so it gets faster as you use it. Press **Run**; the report names the KB and each jump.",
+    "dit_txt2img": "## 10 DiT demo model, stock nodes\n\nThe pack's second demo model: a small Flux-architecture diffusion "
+                   "transformer (double- and single-stream blocks, rectified flow), loaded by the stock Load Checkpoint and "
+                   f"sampled by the stock KSampler ({DIT.scheduler} scheduler, cfg {DIT.cfg:g}). Press **Run**.",
+    "dit_redi_ksampler": "## 11 ReDi KSampler on the DiT\n\nTemplate 3 on the Flux DiT: the builder makes the KB "
+                         f"`{DIT_KB_NAME}` from the DiT's own trajectories on the first run (a KB fits one model), and ReDi "
+                         "KSampler jumps from step 4 to step 10. Press **Run**.",
+    "dit_feature_reuse": "## 12 FeatureReuse on the DiT\n\n**ReDi FeatureReuse** on the Flux DiT: between keyframe steps "
+                         "the transformer's double- and single-stream blocks reuse their cached outputs. Press **Run**.",
 }

@@ -53,8 +53,8 @@ def _pm(e: dict, scale: float = 1.0, fmt: str = ".2f", sign: bool = False) -> st
     return f"{e['value'] * scale:{'+' if sign else ''}{fmt}} ± {e['se'] * scale:.2f}"
 
 
-def table(rows: list[dict], full: str, cost_key: str = "sd15_cost") -> str:
-    head = ("| group | setting | SD1.5-size cost (x full) | accuracy % | vs full, points | Frechet | vs full, % | PSNR dB | "
+def table(rows: list[dict], full: str, cost_key: str = "sd15_cost", cost_label: str = "SD1.5-size cost (x full)") -> str:
+    head = (f"| group | setting | {cost_label} | accuracy % | vs full, points | Frechet | vs full, % | PSNR dB | "
             "failing images (95% bound) | under 15 dB / attribute lost | within tolerance |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:

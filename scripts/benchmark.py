@@ -30,12 +30,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from redi_demo import dataset, evaluator, host  # noqa: E402
+from redi_demo import dataset, demo_models, evaluator, host  # noqa: E402
 from redi_demo.train import init_weights  # noqa: E402
 
-STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
+MODEL = demo_models.MODELS["sd1"]
+STEPS, CFG, SAMPLER, SCHEDULER = MODEL.steps, MODEL.cfg, MODEL.sampler, MODEL.scheduler
 SEED = 1024
 PER_IMAGE_SEED_BASE = 70000
+
+
+def use_model(name: str) -> None:
+    """Measure another demo model (demo_models.MODELS): its checkpoint and sampling settings, for every Bench."""
+    global MODEL, STEPS, CFG, SAMPLER, SCHEDULER
+    MODEL = demo_models.MODELS[name]
+    STEPS, CFG, SAMPLER, SCHEDULER = MODEL.steps, MODEL.cfg, MODEL.sampler, MODEL.scheduler
 
 
 class Bench:
@@ -48,13 +56,13 @@ class Bench:
         from redi_core.retrieval import ReDiParams, retrieve
 
         self.ReDiParams, self.retrieve = ReDiParams, retrieve
-        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
+        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / MODEL.ckpt)
         self.out, self.batch = out, batch
         self.net = evaluator.load()
         real, _ = evaluator.real_images(max(queries, 1000), 31337)
         _, self.real_feats = evaluator.predict(self.net, real)
         neg = self.clip.encode_from_tokens(self.clip.tokenize(""), return_pooled=True)
-        self.negative = [[neg[0], {}]]
+        self.negative = [[neg[0], {"pooled_output": neg[1]} if neg[1] is not None else {}]]  # the DiT reads the pooled vector
         self.rows: list[dict] = []
         self.refs: dict[str, np.ndarray] = {}
         self.seed_base = seed_base

@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from redi_demo import dataset, evaluator, host  # noqa: E402
+from redi_demo import dataset, demo_models, evaluator, host  # noqa: E402
 
-STEPS, CFG, SEED, K, V = 20, 6.0, 1024, 4, 10
+STEPS, SEED, K, V = 20, 1024, 4, 10
 PSNR_MIN, ACC_POINTS = 20.0, 2.0
 FAIL_DB = 15.0  # the per-image criterion: an image under 15 dB to its full run is a failed image
 MAX_FAILURE_RATE = 0.01  # a pair ships as "works" only with at most 1% failed images per regime
@@ -67,7 +67,7 @@ PATCHES = ("none", "zsnr", "rescalecfg1", "apg", "cfgzerostar")
 
 
 class Support:
-    def __init__(self, out: Path, kb_size: int, queries: int, patch: str = "none") -> None:
+    def __init__(self, out: Path, kb_size: int, queries: int, patch: str = "none", model: str = "sd1") -> None:
         host.load_pack()
         self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
         # what no verdict covers yet is what this script measures
@@ -80,7 +80,9 @@ class Support:
 
         self.KBError, self.KnowledgeBase, self.ReDiParams, self.retrieve = KBError, KnowledgeBase, ReDiParams, retrieve
         self.guard = GUARD_DEFAULTS
-        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
+        self.demo = demo_models.MODELS[model]
+        self.cfg = self.demo.cfg
+        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / self.demo.ckpt)
         self.model = patched(self.model, patch)
         self.net = evaluator.load()
         self.out = out
@@ -110,7 +112,7 @@ class Support:
             return {**row, "verdict": "refused", "message": refused, "seconds": 0.0}
         path = self.out / "kb" / f"{sampler}__{scheduler}"
         shutil.rmtree(path, ignore_errors=True)
-        self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, CFG, 64, 64,
+        self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, self.cfg, 64, 64,
                                len(self.kb_prompts), "fixed", SEED, (K, V), refuse_unsupported=False)
         kb = self.KnowledgeBase.open(path)  # format 2 reads rows on demand: the folder is removed after the queries
         try:
@@ -124,7 +126,7 @@ class Support:
 
     def _queries(self, kb, sampler: str, scheduler: str, row: dict) -> None:
         """ReDi against the full run at the KB's seed and at new seeds; fills row[regime] and row["items"]."""
-        ph = self.cs.Phases(self.model, STEPS, CFG, sampler, scheduler, self.negative, preview=False)
+        ph = self.cs.Phases(self.model, STEPS, self.cfg, sampler, scheduler, self.negative, preview=False)
         n = len(self.samples)
         latent = torch.zeros((n, 4, 8, 8))
         items = []
@@ -166,7 +168,7 @@ class Support:
         seeds = [SEED, 5001, 5002]
         latent = torch.zeros((3, 4, 8, 8))
         noise = self.cs.noise_for(latent, seeds)
-        ph = self.cs.Phases(self.model, STEPS, CFG, sampler, scheduler, self.negative, preview=False)
+        ph = self.cs.Phases(self.model, STEPS, self.cfg, sampler, scheduler, self.negative, preview=False)
         plan = self.cs.NoisePlan(sampler, ph.sigmas, seeds[0], 3, seeds)
         cap = self.cs.Capture(sampler, noise=plan)
         full = ph._run(cap, cond, latent, noise, ph.sigmas, seeds[0])
@@ -337,6 +339,8 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "docs" / "sampler_support.md"))
     ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--model", choices=list(demo_models.MODELS), default="sd1",
+                    help="the demo model (dit: the Flux DiT; its pairs go to OUT-dit and its table to docs/sampler_support_dit.md)")
     ap.add_argument("--patch", choices=PATCHES, default="none", help="build and query with this model patch (pairs go to OUT/pairs-PATCH)")
     ap.add_argument("--measure-refused", action="store_true", help="measure pairs the pack refuses too")
     ap.add_argument("--no-measure", action="store_true", help="only rebuild the table (and verdicts) from OUT/pairs")
@@ -346,9 +350,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model != "sd1":
+        args.out += f"-{args.model}"
+        args.table = args.table.replace(".md", f"_{args.model}.md")
     out = Path(args.out) if args.patch == "none" else Path(args.out) / f"patch-{args.patch}"
     (out / "pairs").mkdir(parents=True, exist_ok=True)
-    sup = Support(out, args.kb_size, args.queries, args.patch)
+    sup = Support(out, args.kb_size, args.queries, args.patch, args.model)
     import comfy.samplers as cs
 
     all_samplers, all_schedulers = list(cs.KSampler.SAMPLERS), list(cs.KSampler.SCHEDULERS)
@@ -393,8 +400,8 @@ def main() -> None:
     old_text = table_path.read_text() if table_path.is_file() else ""
     previous = {p: line for p, line in previous_rows(table_path).items() if p not in {(r["sampler"], r["scheduler"]) for r in rows}}
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
-            f"demo model, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
-            f"cfg {CFG:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
+            f"{sup.demo.title}, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
+            f"cfg {sup.cfg:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
     guard = "\n\n## Guard statistics (guard off)\n\n" + calibration(items) + "\n"
     if previous:  # a partial run (new samplers of a newer host): the other pairs keep their earlier lines and header
         settings = head.split(" demo model, ", 1)[1].split(". accuracy:")[0]

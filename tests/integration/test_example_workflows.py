@@ -22,7 +22,7 @@ def test_every_example_is_listed():
 
 
 def test_template_browser_lists_them_in_order(server):
-    """The server answers the frontend's template list with the pack's templates as 1 to 9 (the
+    """The server answers the frontend's template list with the pack's templates as 1 to 12 (the
     file system's order otherwise; the frontend keeps the order it gets)."""
     listing = server.get("/api/workflow_templates")
     ours = [names for names in listing.values() if set(names) == set(TITLES.values())]

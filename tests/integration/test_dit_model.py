@@ -1,0 +1,81 @@
+"""The Flux DiT demo model through the real server: the stock loader lists and loads it, ReDi
+and FeatureReuse run on it, and a KB never crosses between the two demo models or a shift."""
+
+import copy
+import json
+
+import pytest
+
+from redi_demo import workflows
+
+pytestmark = pytest.mark.integration
+
+
+def _report(entry: dict) -> list[str]:
+    return [ln for out in entry["outputs"].values() for ln in out.get("redi_report", [])]
+
+
+def _ok(server, graph: dict) -> dict:
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", json.dumps(server.error_of(entry), indent=1)[:3000]
+    return entry
+
+
+def _error(server, graph: dict) -> str:
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert server.get("/system_stats")  # the server is still up
+    return server.error_of(entry)["exception_message"]
+
+
+KB_PROMPTS = workflows.kb_prompts(16, seed=5)
+
+
+@pytest.fixture(scope="module")
+def dit_kb(server):
+    """The DiT's own KB, built by template 11's builder (16 prompts keep it short)."""
+    return _ok(server, workflows.dit_redi_ksampler(prompts=KB_PROMPTS))
+
+
+def test_stock_loader_lists_the_dit(server):
+    info = server.get("/object_info/CheckpointLoaderSimple")
+    names = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert workflows.DIT.ckpt in names, names
+
+
+def test_redi_skips_steps_on_the_dit(server, dit_kb):
+    """A stored prompt at the KB's seed: its own trajectory is the nearest, so the jump is taken."""
+    entry = _ok(server, workflows.dit_redi_ksampler(KB_PROMPTS.splitlines()[0], seed=1024, prompts=KB_PROMPTS))
+    lines = _report(entry)
+    k, v = workflows.REDI_OPTS["key_step"], workflows.REDI_OPTS["value_step"]
+    calls = [ln for ln in lines if ln.startswith("UNet calls:")]
+    assert calls and int(calls[0].split()[2]) == k + workflows.STEPS - v, lines
+    assert any(f"skipped {v - k} of {workflows.STEPS} steps" in ln for ln in lines), lines
+
+
+def test_feature_reuse_reuses_dit_blocks(server):
+    _ok(server, workflows.dit_feature_reuse(seed=11))
+    log = server.log()
+    assert "[ReDi FeatureReuse]" in log
+    assert "'dit':" in log.split("[ReDi FeatureReuse]")[-1].splitlines()[0], log[-2000:]
+
+
+def test_sd1_kb_refused_on_the_dit(server, dit_kb):
+    """A KB of one demo model queried with the other: refused, naming the model, the fix on the node."""
+    build = workflows.redi_build_kb(workflows.kb_prompts(8, seed=9))
+    build["6"]["inputs"]["kb_name"] = "sd1_kb_for_the_dit_test"
+    _ok(server, build)
+    g = workflows.dit_redi_ksampler(prompts=KB_PROMPTS)
+    g["6"] = {"class_type": "ReDiKBLoader", "inputs": {"kb_name": "sd1_kb_for_the_dit_test"}}
+    msg = _error(server, g)
+    assert "model: KB" in msg and "build a KB with this model" in msg, msg
+
+
+def test_flux_shift_is_fingerprinted(server, dit_kb):
+    """ModelSamplingFlux in front of the sampler changes every trajectory: a KB built without it is refused."""
+    g = copy.deepcopy(workflows.dit_redi_ksampler(prompts=KB_PROMPTS))
+    g["20"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5,
+                                                             "width": 64, "height": 64}}
+    g["7"]["inputs"]["model"] = ["20", 0]
+    msg = _error(server, g)
+    assert "model sampling" in msg and "shift" in msg, msg
