@@ -54,10 +54,13 @@ def test_redi_skips_steps_on_the_dit(server, dit_kb):
 
 
 def test_feature_reuse_reuses_dit_blocks(server):
-    _ok(server, workflows.dit_feature_reuse(seed=11))
+    g = workflows.dit_feature_reuse(seed=11)
+    g["14"]["inputs"].update(schedule="fixed", interval=2, score_mixing=False)  # every other step reuses the blocks
+    _ok(server, g)
     log = server.log()
     assert "[ReDi FeatureReuse]" in log
-    assert "'dit':" in log.split("[ReDi FeatureReuse]")[-1].splitlines()[0], log[-2000:]
+    line = log.split("[ReDi FeatureReuse]")[-1].splitlines()[0]
+    assert "10 keyframes, 10 with reused blocks" in line and "'dit': 60" in line, line  # 10 reuse steps x 6 blocks
 
 
 def test_sd1_kb_refused_on_the_dit(server, dit_kb):
