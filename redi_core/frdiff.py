@@ -25,6 +25,7 @@ Pure torch: no ComfyUI import.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -331,6 +332,11 @@ class CachedDiTBlock:
 
     def __init__(self, state: FRDiffState, slot: str, inner=None) -> None:
         self.state, self.slot, self.inner = state, slot, inner  # inner: a replacement patched in before us
+
+    def __deepcopy__(self, memo: dict) -> CachedDiTBlock:
+        # ModelPatcher.clone() deep-copies model_options, where this patch lives: a copy must keep the
+        # one state that the sampling wrappers drive (a copied state never leaves keyframe mode)
+        return CachedDiTBlock(self.state, self.slot, copy.deepcopy(self.inner, memo))
 
     def __call__(self, args: dict, extra: dict) -> dict:
         compute = (lambda: self.inner(args, extra)) if self.inner else (lambda: extra["original_block"](args))

@@ -58,6 +58,8 @@ FR_SETTINGS = [
     ("FR ramp i4", 4, "ramp", 0, False, 0.0, 0.0, 0.5, "input,middle,output"),
 ]
 REDI = [(2, 8), (2, 10), (3, 10), (2, 12), (3, 12), (4, 12), (2, 14), (3, 14), (4, 14)]
+# at new seeds also key steps past the eps-calibrated "denoised keys are blind" noise ratio (10: step 5 of 20 here)
+REDI_NEW = REDI + [(5, 12), (5, 14), (6, 14), (4, 16)]
 
 
 def fr_setting(row: tuple) -> dict:
@@ -166,11 +168,13 @@ def main() -> None:
     ap.add_argument("--seed-base", type=int, default=B.PER_IMAGE_SEED_BASE)
     ap.add_argument("--prompt-seed", type=int, default=999)
     ap.add_argument("--groups", default="fewer,easycache,fr,redi")
-    ap.add_argument("--times", default="", help="per-call times from a --times-only run (JSON); measured here if not given")
+    ap.add_argument("--times", default="", help="per-call times from a --times-only run (JSON; waits for it); measured here if not given")
     ap.add_argument("--times-only", default="", help="measure only the per-call times and write them to this JSON")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flux-width", type=int, default=0, help="with --times-only: also time a random DiT of this width (e.g. 3072)")
     ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--noise-guard", choices=("on", "off"), default="on",
+                    help="the guard's noise-level checks on the ReDi rows (off: every item's statistics, to calibrate them for flow)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from redi_demo import host
@@ -226,14 +230,20 @@ def main() -> None:
     for s in map(fr_setting, FR_SETTINGS if "fr" in groups else ()):
         run("FeatureReuse", s["name"], patch_fr(fr, b.model, s), setting=s)
     if "redi" in groups:
-        kb = b.build_kb(f"dit_fixed_{args.kb_size}", args.kb_size, "fixed", steps=(2, 3, 4, 8, 10, 12, 14))
+        stored = (2, 3, 4, 8, 10, 12, 14) if regime == "same" else (2, 3, 4, 5, 6, 8, 10, 12, 14, 16)
+        kb = b.build_kb(f"dit_fixed_{args.kb_size}" + ("" if regime == "same" else "_new"), args.kb_size, "fixed", steps=stored)
         fr_redi = {**fr_setting(FR_SETTINGS[0]), "start": 0.25, "name": "FR default start 0.25"}
-        for k, v in REDI:
-            run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, space), k=k, v=v)
+        b.noise_guard = args.noise_guard == "on"
+        for k, v in REDI if regime == "same" else REDI_NEW:
+            before = len(b.items)
+            row = run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, space), k=k, v=v)
+            row["redi_items"] = b.items[before:]  # per image, in the order of psnr_items: the guard's statistics
         for k, v in ((2, 12), (3, 12), (2, 14)):
             run("ReDi+FR", f"ReDi k={k} v={v} + {fr_redi['name']}", patch_fr(fr, b.model, fr_redi), steps=STEPS - v + k,
                 sampler=b.redi(kb, k, v, 1, space), setting=fr_redi, k=k, v=v)
     if args.times:
+        while not Path(args.times).is_file():  # measured by a --times-only run, on an idle machine
+            time.sleep(10)
         times = json.loads(Path(args.times).read_text())
     else:
         times = measure_times(fr, b.model, b.clip, args.rounds, 0)

@@ -66,6 +66,8 @@ class Bench:
         self.rows: list[dict] = []
         self.refs: dict[str, np.ndarray] = {}
         self.seed_base = seed_base
+        self.noise_guard = True  # the guard's noise-level checks (off: to calibrate them)
+        self.items: list[dict] = []  # every ReDi item's guard statistics, in generation order
         self.set_queries(dataset.random_samples(queries, prompt_seed))
 
     def set_queries(self, samples: list) -> None:
@@ -119,7 +121,10 @@ class Bench:
         def run(m, cond, latent, noise, key_cond):
             ph = self.cs.Phases(m, STEPS, CFG, SAMPLER, SCHEDULER, self.negative, preview=False)
             state = ph.key_phase(key_cond if content_key else cond, latent, noise, SEED, k)
-            ret = self.retrieve(kb, state, params, float(ph.sigmas[v]), noise=self.cs.noise_levels_of(m, ph.sigmas, k, v))
+            levels = self.cs.noise_levels_of(m, ph.sigmas, k, v)
+            ret = self.retrieve(kb, state, params, float(ph.sigmas[v]), noise=levels if self.noise_guard else None)
+            self.items.extend({"key_ratio": levels.key, "value_ratio": levels.value, "distance": r.distances[0], "accepted": r.accepted,
+                               "reason": r.reason} for r in ret.reports)
             out = torch.zeros(latent.shape)
             for start, idx, src in ret.starts(state, params):
                 out[idx] = ph.finish(cond, src, start, SEED, rows=idx).float().cpu()

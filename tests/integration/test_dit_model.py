@@ -63,6 +63,19 @@ def test_feature_reuse_reuses_dit_blocks(server):
     assert "10 keyframes, 10 with reused blocks" in line and "'dit': 60" in line, line  # 10 reuse steps x 6 blocks
 
 
+def test_feature_reuse_survives_a_later_model_patch(server):
+    """A node after FeatureReuse clones the model (ModelSamplingFlux here, LoRA loaders too): the DiT's
+    blocks are still reused (a clone once copied the reuse state, and nothing was reused)."""
+    g = workflows.dit_feature_reuse(seed=12)
+    g["14"]["inputs"].update(schedule="fixed", interval=2, score_mixing=False)
+    g["20"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["14", 0], "max_shift": 1.15, "base_shift": 0.5,
+                                                             "width": 64, "height": 64}}
+    g["5"]["inputs"]["model"] = ["20", 0]
+    _ok(server, g)
+    line = server.log().split("[ReDi FeatureReuse]")[-1].splitlines()[0]
+    assert "10 with reused blocks" in line and "'dit': 60" in line, line
+
+
 def test_sd1_kb_refused_on_the_dit(server, dit_kb):
     """A KB of one demo model queried with the other: refused, naming the model, the fix on the node."""
     build = workflows.redi_build_kb(workflows.kb_prompts(8, seed=9))

@@ -153,6 +153,34 @@ def test_dit_block_runs_an_earlier_replacement_at_keyframes():
     assert seen == [1]
 
 
+def test_dit_block_survives_a_model_clone():
+    """ModelPatcher.clone() deep-copies model_options, where the block patch lives: the copy must drive
+    the same state as the sampling wrappers (a copied state stayed in keyframe mode: nothing reused)."""
+    import copy
+
+    state = FRDiffState(FRDiffConfig(interval=2, score_mixing=False))
+    inner = {"offset": torch.ones(1)}
+
+    def earlier(args, extra, inner=inner):
+        return {"img": extra["original_block"](args)["img"] + inner["offset"]}
+
+    block = copy.deepcopy({"dit": {("double_block", 0): CachedDiTBlock(state, "double_block.0", earlier)}})["dit"][("double_block", 0)]
+    assert block.state is state and block.slot == "double_block.0" and block.inner is not None
+    calls = []
+
+    def original(args):
+        calls.append(1)
+        return {"img": args["img"] * 3}
+
+    x = torch.randn(2, 4)
+    state.begin_call(0, 0.0, ("c",))
+    block({"img": x}, {"original_block": original})
+    state.end_call(torch.zeros(2))
+    assert state.begin_call(1, 0.5, ("c",)) == "reuse"
+    block({"img": x + 1}, {"original_block": original})
+    assert len(calls) == 1 and state.slot_skips == {"double_block.0": 1}
+
+
 def test_extrapolation_weights_are_lagrange():
     assert extrapolation_weights([0.3], 0.9) == [1.0]
     assert extrapolation_weights([0.0, 1.0], 2.0) == pytest.approx([-1.0, 2.0])
