@@ -114,6 +114,7 @@ def train_dit(work: Path, clip, vae, steps: int, seed: int, batch: int, log_ever
     cfg = dit_config.new_config()
     base = cfg.get_model({})
     net = base.diffusion_model
+    net.requires_grad_(True)  # ComfyUI 0.30 builds its Flux for inference, with frozen parameters
     init_weights(net)
     adaln_zero(net)
     opt = torch.optim.AdamW(net.parameters(), lr=DIT_LR, weight_decay=0.01)
