@@ -2,6 +2,8 @@
 
     .venv/bin/python -m redi_demo.train_dit [--work .cache/train_dit] [--out models/redi_demo_dit.safetensors]
 
+On ComfyUI 0.3.75 (REDI_COMFY=0.3.75 .venv-0.3.75/bin/python ...): 0.30's Flux rotary embedding has no backward.
+
 It reuses the SD1.x demo checkpoint's text encoder and autoencoder, frozen (`--base`), so only the
 transformer trains:
   1. latents: dataset images encoded once by the demo's TAESD autoencoder; prompts encoded once by
@@ -149,7 +151,13 @@ def train_dit(work: Path, clip, vae, steps: int, seed: int, batch: int, log_ever
         pred = _forward(net, xt, sigma, ctx, pooled)
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as e:
+            if "no autograd formula" not in str(e):
+                raise
+            raise SystemExit(f"this ComfyUI's Flux forward cannot be trained ({e}); train the DiT on ComfyUI 0.3.75: "
+                             "REDI_COMFY=0.3.75 .venv-0.3.75/bin/python -m redi_demo.train_dit (the shipped weights were trained there)") from e
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         lr = DIT_LR * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for gr in opt.param_groups:
