@@ -64,9 +64,9 @@ def test_dit_tiny_run_resumes_and_exports_a_flux_checkpoint(tmp_path, capsys):
     """The DiT's training script: two steps on the shipped SD1.x model's text encoder and autoencoder,
     resumed, then exported in Flux's layout; the stock loader reads it back as the DiT config."""
     host.load_pack()
-    from redi_demo import train_dit
-
     import comfyui_version
+
+    from redi_demo import train_dit
 
     out = tmp_path / "tiny_dit.safetensors"
     args = ["--work", str(tmp_path / "work"), "--out", str(out), "--batch", "2", "--pool", "4", "--log-every", "1",
