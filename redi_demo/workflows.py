@@ -216,7 +216,7 @@ TITLES = {
     "redi_feature_reuse": "7 ReDi and FeatureReuse",
     "redi_record": "8 ReDi Record, KSampler",
     "redi_library": "9 ReDi KSampler, library",
-    "dit_txt2img": "10 DiT demo model, stock nodes",
+    "dit_txt2img": "10 DiT model, stock nodes",
     "dit_redi_ksampler": "11 ReDi KSampler on the DiT",
     "dit_feature_reuse": "12 FeatureReuse on the DiT",
 }

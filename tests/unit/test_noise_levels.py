@@ -5,7 +5,14 @@ import pytest
 
 from kb_tools import builder
 from kb_tools.storage.knowledge_base import KnowledgeBase
-from redi_core.noise_levels import LOW_NOISE_MAX_DISTANCE, MAX_KEY_NSR, MIN_VALUE_NSR, NoiseLevels, noise_ratio
+from redi_core.noise_levels import (
+    FLOW_MAX_KEY_NSR,
+    LOW_NOISE_MAX_DISTANCE,
+    MAX_KEY_NSR,
+    MIN_VALUE_NSR,
+    NoiseLevels,
+    noise_ratio,
+)
 from redi_core.retrieval import KeyState, ReDiParams, retrieve, summary_lines
 
 from .kb_fixtures import fake_run_batch, fingerprint
@@ -72,3 +79,18 @@ def test_denoised_keys_at_almost_pure_noise_are_not_used(kb):
     assert retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=1.5, noise=ROOMY).accepted[0]
     # latent keys at the KB's own seed still tell prompts apart there (the noise is shared)
     assert retrieve(kb, exact, ReDiParams(2, 6, 1, "latent"), sigma_v=1.5, noise=pure).accepted[0]
+
+
+def test_flow_models_have_their_own_key_limit(kb):
+    """Measured on the Flux DiT demo: denoised keys served at noise ratio 28.4 (step 2 of 20), where an
+    eps model's keys are blind; the flow limit is above that, and a key step beyond it is still refused."""
+    exact = query_at(kb, 2, 0.0)
+    st = KeyState(exact.x, kb.values("denoised", 2, [2]), exact.eps)
+    flow_step2 = NoiseLevels.of([0.99, 0.966, 0.76, 0.0], 1, 2, flow=True)
+    assert MAX_KEY_NSR < flow_step2.key < FLOW_MAX_KEY_NSR
+    assert retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=0.76, noise=flow_step2).accepted[0]
+    eps_same_ratio = NoiseLevels(key=flow_step2.key, value=flow_step2.value)
+    assert not retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=0.76, noise=eps_same_ratio).accepted[0]
+    step1 = NoiseLevels.of([1.0, 0.984, 0.76, 0.0], 1, 2, flow=True)  # ratio 61
+    den = retrieve(kb, st, ReDiParams(2, 6, 1, "denoised"), sigma_v=0.76, noise=step1)
+    assert not den.accepted[0] and f"> {FLOW_MAX_KEY_NSR:g}" in den.reports[0].reason
