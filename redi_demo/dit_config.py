@@ -10,11 +10,10 @@ file (a 96-wide text context and 4 input channels match no released Flux) and se
 
 from __future__ import annotations
 
-import comfy.sd1_clip
 import comfy.supported_models
-import comfy.supported_models_base
 
-from .model_config import TEXT_CONFIG, DemoClip, DemoLatentFormat
+from . import model_config
+from .model_config import TEXT_CONFIG, DemoLatentFormat, DemoTextEncoder
 
 HIDDEN = 192
 HEADS = 6
@@ -40,7 +39,7 @@ DIT_CONFIG = {
 }
 
 
-class ReDiDemoDiT(comfy.supported_models.Flux):
+class ReDiDemoDiT(DemoTextEncoder, comfy.supported_models.Flux):
     """Flux-architecture demo DiT trained on the procedural shapes dataset."""
 
     unet_config = {
@@ -55,15 +54,10 @@ class ReDiDemoDiT(comfy.supported_models.Flux):
     latent_format = DemoLatentFormat
     memory_usage_factor = 0.1
 
-    def clip_target(self, state_dict={}):  # noqa: B006 - ComfyUI's signature
-        return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, DemoClip)
-
 
 def register() -> None:
     """Let ComfyUI's checkpoint detection recognise the DiT demo model (idempotent)."""
-    models = comfy.supported_models.models
-    if ReDiDemoDiT not in models:
-        models.insert(0, ReDiDemoDiT)
+    model_config.register(ReDiDemoDiT)
 
 
 def new_config() -> ReDiDemoDiT:

@@ -92,7 +92,15 @@ class DemoClip(comfy.sd1_clip.SD1ClipModel):
         super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=DemoTextModel, **kwargs)
 
 
-class ReDiDemoShapes(comfy.supported_models.SD15):
+class DemoTextEncoder:
+    """The demo models' text encoder: ComfyUI's SD1 tokenizer and the small CLIP above (a mixin for
+    a model config)."""
+
+    def clip_target(self, state_dict={}):  # noqa: B006 - ComfyUI's signature
+        return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, DemoClip)
+
+
+class ReDiDemoShapes(DemoTextEncoder, comfy.supported_models.SD15):
     """SD1.x-architecture demo model trained on the procedural shapes dataset."""
 
     unet_config = {
@@ -107,15 +115,13 @@ class ReDiDemoShapes(comfy.supported_models.SD15):
     latent_format = DemoLatentFormat
     memory_usage_factor = 0.1
 
-    def clip_target(self, state_dict={}):  # noqa: B006 - ComfyUI's signature
-        return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, DemoClip)
 
-
-def register() -> None:
-    """Let ComfyUI's checkpoint detection recognise the demo model (idempotent)."""
+def register(config: type = ReDiDemoShapes) -> None:
+    """Let ComfyUI's checkpoint detection recognise a demo model's config, ahead of the released
+    models whose layout it shares (idempotent)."""
     models = comfy.supported_models.models
-    if ReDiDemoShapes not in models:
-        models.insert(0, ReDiDemoShapes)
+    if config not in models:
+        models.insert(0, config)
 
 
 def new_config() -> ReDiDemoShapes:
