@@ -399,6 +399,26 @@ def export(out: Path, preview: Path, cfg, base, clip, ae, seed: int) -> None:
     preview.write_text(json.dumps(fit, indent=1) + "\n")
 
 
+def add_run_args(ap: argparse.ArgumentParser, pool_help: str, readouts: str) -> None:
+    """The options both demo models' training scripts share."""
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pool", type=int, default=12288, help=pool_help)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--check-every", type=int, default=500, help=f"steps between readouts of {readouts} (0: none)")
+
+
+def start(args: argparse.Namespace) -> tuple[Path, float]:
+    """Threads, the host's ComfyUI and the resumable work folder: (work folder, start time)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_comfy()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work, time.time()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(PACK_ROOT / ".cache" / "train"), help="resumable training state")
@@ -409,20 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ae-texture-steps", type=int, default=300)
     ap.add_argument("--ae-batch", type=int, default=8)
     ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pool", type=int, default=12288, help="dataset images encoded once for the UNet stage")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (the shipped weights were trained on the CPU)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--check-every", type=int, default=500, help="steps between readouts of reconstruction / prompt accuracy (0: none)")
+    add_run_args(ap, "dataset images encoded once for the UNet stage", "reconstruction / prompt accuracy")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_comfy()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    work, t0 = start(args)
     ae = train_ae(work, args.ae_steps, args.ae_texture_steps, args.seed, args.ae_batch, args.log_every, args.check_every,
                   args.device)
     cfg, base, clip = train_unet(work, ae, args.unet_steps, args.seed, args.batch, args.log_every, args.pool, args.check_every,

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redi_demo import dataset
-from redi_demo.host import PACK_ROOT, load_comfy
+from redi_demo.host import PACK_ROOT
 from redi_demo.train import (
     LATENT_CHANNELS,
     _load_state,
@@ -35,8 +35,10 @@ from redi_demo.train import (
     _save_state,
     _to_uint8,
     _Tokens,
+    add_run_args,
     init_weights,
     latent_pool,
+    start,
 )
 
 DIT_LR = 5e-4
@@ -193,19 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the SD1.x demo checkpoint whose text encoder and autoencoder the DiT uses")
     ap.add_argument("--out", default=str(PACK_ROOT / "models" / "redi_demo_dit.safetensors"))
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pool", type=int, default=12288, help="dataset images encoded once")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--check-every", type=int, default=500, help="steps between prompt-accuracy readouts (0: none)")
+    add_run_args(ap, "dataset images encoded once", "prompt accuracy")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_comfy()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    work, t0 = start(args)
     clip, vae = load_base(Path(args.base))
     base = train_dit(work, clip, vae, args.steps, args.seed, args.batch, args.log_every, args.pool, args.check_every)
     export(Path(args.out), base, clip, vae)
