@@ -344,11 +344,7 @@ def train_unet(work: Path, ae, steps: int, seed: int, batch: int, log_every: int
         aux = sum(torch.nn.functional.cross_entropy(h(feats), truth[k][idx[keep].to(device)]) for k, h in heads.items())
         opt.zero_grad(set_to_none=True)
         (loss + 0.1 * aux).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = UNET_LR * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        opt.step()
+        lr = optimizer_step(opt, params, UNET_LR, step, steps)
         step += 1
         if step % log_every == 0 or step == steps:
             _save_state(path, step, net, opt)
@@ -397,6 +393,17 @@ def export(out: Path, preview: Path, cfg, base, clip, ae, seed: int) -> None:
         sol = torch.linalg.lstsq(a, rgb.permute(0, 2, 3, 1).reshape(-1, 3)).solution
     fit = {"latent_rgb_factors": sol[:LATENT_CHANNELS].tolist(), "latent_rgb_factors_bias": sol[LATENT_CHANNELS].tolist()}
     preview.write_text(json.dumps(fit, indent=1) + "\n")
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params, base_lr: float, step: int, steps: int) -> float:
+    """Clip the gradients, set the learning rate (200 warm-up steps, then a cosine to a tenth) and
+    step; returns the rate used."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    lr = base_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    for gr in opt.param_groups:
+        gr["lr"] = lr
+    opt.step()
+    return lr
 
 
 def add_run_args(ap: argparse.ArgumentParser, pool_help: str, readouts: str) -> None:

@@ -38,6 +38,7 @@ from redi_demo.train import (
     add_run_args,
     init_weights,
     latent_pool,
+    optimizer_step,
     start,
 )
 
@@ -160,11 +161,7 @@ def train_dit(work: Path, clip, vae, steps: int, seed: int, batch: int, log_ever
                 raise
             raise SystemExit(f"this ComfyUI's Flux forward cannot be trained ({e}); train the DiT on ComfyUI 0.3.75: "
                              "REDI_COMFY=0.3.75 .venv-0.3.75/bin/python -m redi_demo.train_dit (the shipped weights were trained there)") from e
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        lr = DIT_LR * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        opt.step()
+        lr = optimizer_step(opt, list(net.parameters()), DIT_LR, step, steps)
         step += 1
         if step % log_every == 0 or step == steps:
             _save_state(path, step, net, opt)
