@@ -25,7 +25,7 @@ class DemoModel:
 
 MODELS = {
     "sd1": DemoModel("sd1", "redi_demo_shapes.safetensors", "ReDiDemoShapes", "SD1.x UNet demo model"),
-    "dit": DemoModel("dit", "redi_demo_dit.safetensors", "ReDiDemoDiT", "Flux DiT demo model", scheduler="simple", cfg=3.0),
+    "dit": DemoModel("dit", "redi_demo_shapes_dit.safetensors", "ReDiDemoDiT", "Flux DiT demo model", scheduler="simple", cfg=3.0),
 }
 
 

@@ -1,6 +1,6 @@
 """Train the DiT demo model (ComfyUI's Flux architecture, small) on the procedural dataset.
 
-    .venv/bin/python -m redi_demo.train_dit [--work .cache/train_dit] [--out models/redi_demo_dit.safetensors]
+    .venv/bin/python -m redi_demo.train_dit [--work .cache/train_dit] [--out models/redi_demo_shapes_dit.safetensors]
 
 On ComfyUI 0.3.75 (REDI_COMFY=0.3.75 .venv-0.3.75/bin/python ...): 0.30's Flux rotary embedding has no backward.
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=str(PACK_ROOT / ".cache" / "train_dit"), help="resumable training state")
     ap.add_argument("--base", default=str(PACK_ROOT / "models" / "redi_demo_shapes.safetensors"),
                     help="the SD1.x demo checkpoint whose text encoder and autoencoder the DiT uses")
-    ap.add_argument("--out", default=str(PACK_ROOT / "models" / "redi_demo_dit.safetensors"))
+    ap.add_argument("--out", default=str(PACK_ROOT / "models" / "redi_demo_shapes_dit.safetensors"))
     ap.add_argument("--steps", type=int, default=4000)
     add_run_args(ap, "dataset images encoded once", "prompt accuracy")
     args = ap.parse_args(argv)

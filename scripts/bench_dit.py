@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_dit.py --seeds per-image [--out out/bench_dit_new]
     .venv/bin/python scripts/bench_dit.py --times-only out/dit_times.json [--flux-width 3072]
 
-The DiT demo model (models/redi_demo_dit.safetensors) at its defaults (euler, simple, 20 steps,
+The DiT demo model (models/redi_demo_shapes_dit.safetensors) at its defaults (euler, simple, 20 steps,
 redi_demo/demo_models.py), every setting on the same queries:
   - fixed: every query at the KB's seed (1024), ReDi with latent keys (the paper's regime);
     per-image: query i at seed SEED_BASE + i, ReDi with denoised keys (the artist's regime);
