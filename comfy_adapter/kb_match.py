@@ -17,7 +17,7 @@ def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: 
     fp = kb.fingerprint
     if len(latent_shape) != 4:
         raise KBError(f"ReDi works on image latents (batch, channels, height, width); this latent has shape {list(latent_shape)}")
-    samplers.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler)
+    samplers.check_sampler(sampler, scheduler if scheduler is not None else fp.scheduler, model)
     check_model_supported(model)
     problems, notes = [], []
     if identity.model_hash(model) != fp.model_hash:

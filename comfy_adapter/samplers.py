@@ -51,70 +51,99 @@ RESTART_FAILS = {
 WORKING_EXAMPLES = "euler, euler_ancestral, heun or dpmpp_2m"
 # sampler x scheduler pairs whose ReDi images missed the tolerance through a KB, written by
 # `scripts/sampler_support.py` (docs/sampler_support.md): {"fails": {sampler: {scheduler or "*": why}},
-# "works": {scheduler: [samplers]}}
+# "works": {scheduler: [samplers]}}, measured on the SD1.x (epsilon) demo model, and under "flow" the
+# same for flow-matching models, measured on the Flux DiT demo (docs/sampler_support_dit.md); a pair
+# the flow table does not cover falls back to the epsilon verdict
 VERDICTS_FILE = Path(__file__).with_name("sampler_verdicts.json")
+KINDS = ("eps", "flow")
+MEASURED_ON = {"eps": "the SD1.x demo model", "flow": "the Flux DiT demo model"}
 
 
-def _verdicts() -> dict:
+def _verdicts() -> dict[str, dict]:
     try:
         data = json.loads(VERDICTS_FILE.read_text())
-        return {"fails": dict(data.get("fails", {})), "works": dict(data.get("works", {}))}
+        flow = data.get("flow", {})
+        return {"eps": {"fails": dict(data.get("fails", {})), "works": dict(data.get("works", {}))},
+                "flow": {"fails": dict(flow.get("fails", {})), "works": dict(flow.get("works", {}))}}
     except (OSError, ValueError):  # a damaged install: the per-scheduler refusals are missing, say so in the log
         logging.getLogger(__name__).warning("ReDi: %s is missing or unreadable; reinstall the pack", VERDICTS_FILE)
-        return {"fails": {}, "works": {}}
+        return {kind: {"fails": {}, "works": {}} for kind in KINDS}
 
 
 VERDICTS = _verdicts()
-MEASURED_FAILS: dict[str, dict[str, str]] = VERDICTS["fails"]
 # a sampler or scheduler no verdict covers (one a newer ComfyUI added) is refused until measured;
 # scripts/sampler_support.py turns this off to measure it
 REFUSE_UNMEASURED = True
 
 
-def check_sampler(sampler: str, scheduler: str | None = None) -> None:
-    """Refuse samplers ReDi cannot split at a step (their own step choice) or cannot finish within tolerance."""
+def model_kind(model) -> str:
+    """"flow" for a rectified-flow model (Flux, SD3, the DiT demo), "eps" for the rest (epsilon and v prediction)."""
+    import comfy.model_sampling
+
+    return "flow" if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST) else "eps"
+
+
+def check_sampler(sampler: str, scheduler: str | None = None, model=None) -> None:
+    """Refuse samplers ReDi cannot split at a step (their own step choice) or cannot finish within tolerance.
+    With the model, by the verdicts measured for its kind; without it (at queue time, before a model is
+    known), only what every kind's verdicts refuse."""
     if sampler in RESTART_FAILS:
         raise KBError(
             f"sampler {sampler!r} does not work with ReDi: restarted at the value step without its multistep history it "
             f"ends far from the full run ({RESTART_FAILS[sampler]} PSNR from the same seed's full run even when the KB holds "
             f"the query's own trajectory, where 20 dB is the tolerance); use {WORKING_EXAMPLES}"
         )
-    fails = MEASURED_FAILS.get(sampler, {})
-    if "*" in fails:
-        raise KBError(
-            f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on the "
-            f"demo model; the tolerance is 2 points); use {WORKING_EXAMPLES}"
-        )
-    if scheduler is not None and scheduler in fails:
-        known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
-        works = sorted((s for s in VERDICTS["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
-        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
-        raise KBError(
-            f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
-            f"measured on the demo model; the tolerance is 20 dB and 2 points of accuracy); {use}"
-        )
     if sampler in OWN_STEPS:
         raise KBError(
             f"sampler {sampler!r} chooses its own time steps instead of the scheduler's, so there is no step k to retrieve at "
             f"and ReDi cannot use it; use a fixed-step sampler such as {WORKING_EXAMPLES}"
         )
+    kinds = (model_kind(model),) if model is not None else KINDS
+    refusals = [verdict_refusal(sampler, scheduler, kind) for kind in kinds]
+    if all(refusals):
+        raise KBError(refusals[0])
+
+
+def _table(sampler: str, scheduler: str | None, kind: str) -> dict:
+    """The verdict table that decides this pair for this kind: the flow one where it covers the pair."""
+    flow = VERDICTS["flow"]
+    covered = scheduler is not None and (sampler in flow["works"].get(scheduler, ()) or scheduler in flow["fails"].get(sampler, {}))
+    return flow if kind == "flow" and covered else VERDICTS["eps"]
+
+
+def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> str | None:
+    """Why the measured verdicts refuse this sampler (with a scheduler: this pair) for models of this kind, or None."""
+    table = _table(sampler, scheduler, kind)
+    on = MEASURED_ON["flow" if table is VERDICTS["flow"] else "eps"]
+    fails = table["fails"].get(sampler, {})
+    if "*" in fails:
+        return (f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on "
+                f"{on}; the tolerance is 2 points); use {WORKING_EXAMPLES}")
+    if scheduler is not None and scheduler in fails:
+        known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
+        works = sorted((s for s in table["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
+        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
+        return (f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
+                f"measured on {on}; the tolerance is 20 dB, 2 points of accuracy and at most 1% of images under 15 dB); {use}")
+    if table is VERDICTS["flow"]:  # measured on a flow model
+        return None
     if REFUSE_UNMEASURED and not measured(sampler, scheduler):
-        works = VERDICTS["works"].get(scheduler or "", [])
+        works = VERDICTS["eps"]["works"].get(scheduler or "", [])
         use = ", ".join(w for w in ("euler", "euler_ancestral", "heun", "dpmpp_2m") if w in works) or WORKING_EXAMPLES
         what = f"sampler {sampler!r}" + (f" with the {scheduler} scheduler" if scheduler is not None else "")
         if scheduler is not None and not works and measured(sampler):  # a scheduler no verdict covers
             what, use = f"the {scheduler} scheduler", f"the normal or karras scheduler with {WORKING_EXAMPLES}"
-        raise KBError(
-            f"{what} has not been measured with ReDi (this ComfyUI is newer than the pack's verdicts), so ReDi does not "
-            f"use it yet; use {use}, or measure it with scripts/sampler_support.py --write-verdicts"
-        )
+        return (f"{what} has not been measured with ReDi (this ComfyUI is newer than the pack's verdicts), so ReDi does not "
+                f"use it yet; use {use}, or measure it with scripts/sampler_support.py --write-verdicts")
+    return None
 
 
 def measured(sampler: str, scheduler: str | None = None) -> bool:
-    """Whether a verdict covers the sampler (with a scheduler: the pair)."""
+    """Whether an epsilon verdict covers the sampler (with a scheduler: the pair)."""
+    eps = VERDICTS["eps"]
     if scheduler is None:
-        return sampler in MEASURED_FAILS or any(sampler in w for w in VERDICTS["works"].values())
-    return sampler in VERDICTS["works"].get(scheduler, ()) or bool({scheduler, "*"} & set(MEASURED_FAILS.get(sampler, {})))
+        return sampler in eps["fails"] or any(sampler in w for w in eps["works"].values())
+    return sampler in eps["works"].get(scheduler, ()) or bool({scheduler, "*"} & set(eps["fails"].get(sampler, {})))
 
 
 def sampler_problem(sampler: str, scheduler: str | None = None, node: str | None = None) -> bool | str:

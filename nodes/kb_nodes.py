@@ -167,7 +167,7 @@ def build_kb(model, clip, path, prompt_list, negative, sampler_name, scheduler, 
     resumes. The KB's manifest keeps the negative prompt's text (the KB Loader shows it)."""
     if width % 8 or height % 8:
         raise KBError(f"width and height must be multiples of 8, not {width}x{height}")
-    comfy_adapter.check_sampler(sampler_name, scheduler)
+    comfy_adapter.check_sampler(sampler_name, scheduler, model)
     if refuse_unsupported:  # (the support script measures such models, so it builds their KBs)
         kb_match.check_model_supported(model)
     latent_channels = model.get_model_object("latent_format").latent_channels

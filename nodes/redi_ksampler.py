@@ -95,7 +95,7 @@ class ReDiKSampler(io.ComfyNode):
         if library.strip():
             lib = Library(library_root(kb_types.kb_roots()[0], library.strip()), max_trajectories)
             fp = recording.run_fingerprint(model, tuple(latent.shape), sampler_name, scheduler, steps, cfg, negative)
-            comfy_adapter.check_sampler(sampler_name, scheduler)
+            comfy_adapter.check_sampler(sampler_name, scheduler, model)
             lkb = lib.find_or_create(fp)
             if lkb.count == 0:  # a new (or still empty) library KB: every KB Loader may list it now
                 kb_types.send_kb_list()

@@ -47,7 +47,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         if scheduler is None:
             raise KBError("ReDi Sampler with a library needs a stock schedule at denoise 1.0 (e.g. BasicScheduler): these sigmas "
                           "come from no stock scheduler, so no library KB can be chosen for them")
-        comfy_adapter.check_sampler(self.inner_name, scheduler)
+        comfy_adapter.check_sampler(self.inner_name, scheduler, patcher)
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
         fp = recording.run_fingerprint(patcher, tuple(noise.shape), self.inner_name, scheduler, len(sigmas) - 1,
@@ -66,7 +66,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         # the sampler x scheduler verdict first, for the scheduler these sigmas come from
         scheduler = comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
         if scheduler is not None:
-            comfy_adapter.check_sampler(self.inner_name, scheduler)
+            comfy_adapter.check_sampler(self.inner_name, scheduler, patcher)
         notes = kb_match.check_query(kb, patcher, tuple(noise.shape), steps, getattr(model_wrap, "cfg", fp.cfg), self.inner_name,
                                      scheduler, negative)
         expected = comfy_adapter.ksampler_sigmas(patcher, fp.sampler, fp.scheduler, fp.steps)

@@ -7,10 +7,11 @@ from __future__ import annotations
 from redi_core.retrieval import GUARD_DEFAULTS
 from redi_demo import dataset, demo_models
 
-CKPT = "redi_demo_shapes.safetensors"
 KB_NAME = "demo_shapes_kb"
 SIZE = 64
-STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
+SD1 = demo_models.MODELS["sd1"]
+CKPT = SD1.ckpt
+STEPS, CFG, SAMPLER, SCHEDULER = SD1.steps, SD1.cfg, SD1.sampler, SD1.scheduler
 NEGATIVE = ""
 DEMO_PROMPT = "a large red circle at the center on a white background"
 

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_dit.py --seeds fixed [--queries 200] [--kb-size 1000] [--out out/bench_dit_fixed]
     .venv/bin/python scripts/bench_dit.py --seeds per-image [--out out/bench_dit_new]
     .venv/bin/python scripts/bench_dit.py --times-only out/dit_times.json [--flux-width 3072]
+    .venv/bin/python scripts/bench_dit.py --recost out/dit_times.json --out OUT   (a run's rows at the Flux width)
 
 The DiT demo model (models/redi_demo_shapes_dit.safetensors) at its defaults (euler, simple, 20 steps,
 redi_demo/demo_models.py), every setting on the same queries:
@@ -68,22 +69,22 @@ def fr_setting(row: tuple) -> dict:
             "threshold": thr, "bias": bias, "parts": parts}
 
 
-def patch_fr(fr, model, s: dict):
-    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", s["parts"], s["mixing"], s["bias"],
-                                       s["order"], s["schedule"], s["threshold"] or 0.15).result[0]
-
-
 # --- the cost model ------------------------------------------------------------------------
+FLUX_DEPTH = (1, 2)  # double- and single-stream blocks of the Flux-width DiT
+FLUX_TOKENS = (64, 64)  # its image tokens (a 16 x 16 latent, patch 2) and text tokens
+
+
 def flux_width_patcher(width: int):
     """A DiT of Flux's width, head size and rotary axes (random weights; speed only), with Flux's 1:2
-    ratio of double- to single-stream blocks at a depth this CPU can time, and the demo's 4-channel latent."""
+    ratio of double- to single-stream blocks at a depth this CPU can time (FLUX_DEPTH), and the demo's
+    4-channel latent."""
     import comfy.model_patcher
 
     from redi_demo import dit_config
     from redi_demo.train import init_weights
 
     cfg = dit_config.new_config()
-    cfg.unet_config.update(hidden_size=width, num_heads=width // 128, axes_dim=[16, 56, 56], depth=2, depth_single_blocks=4,
+    cfg.unet_config.update(hidden_size=width, num_heads=width // 128, axes_dim=[16, 56, 56], depth=FLUX_DEPTH[0], depth_single_blocks=FLUX_DEPTH[1],
                            context_in_dim=4096, vec_in_dim=768)
     torch.manual_seed(0)
     base = cfg.get_model({})
@@ -95,19 +96,12 @@ def call_times(fr, patcher, ctx, lat, rounds: int) -> dict:
     """Per-call CPU seconds (one thread): a full call, the sampler's overhead per step, and
     FeatureReuse's keyframe and reuse calls (all blocks reused, and the first third computed);
     median of `rounds` rounds in alternating order, with the spread."""
-    import comfy.patcher_extension as pe
     import comfy.sample
 
     noise = comfy.sample.prepare_noise(lat, 0)
 
     def timed(model, steps, state=None):
-        timer = BFR.CallTimer(state)
-        m = model.clone()
-        m.wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {})
-        m.wrappers[pe.WrappersMP.DIFFUSION_MODEL] = {"bench_timer": [timer], **m.wrappers[pe.WrappersMP.DIFFUSION_MODEL]}
-        c0 = time.process_time()
-        comfy.sample.sample(m, noise, steps, B.CFG, "euler", B.SCHEDULER, ctx, ctx, lat, disable_pbar=True)
-        return timer.calls, time.process_time() - c0
+        return BFR.timed_sample(model, steps, noise, ctx, lat, B.SCHEDULER, state)
 
     def one_round(reverse: bool) -> dict:
         out = {}
@@ -138,9 +132,10 @@ def measure_times(fr, model, clip, rounds: int, flux_width: int) -> dict:
     print("demo DiT per-call CPU seconds:", json.dumps(out["demo"]), flush=True)
     if flux_width:
         g = torch.Generator().manual_seed(0)
-        ctx = [[torch.randn(1, 256, 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g) * 0.1}]]
-        # 256 x 256 pixels: 32 x 32 latent, 256 image tokens beside 256 text tokens (Flux's T5 length for schnell)
-        out["flux_width"] = {"width": flux_width, **call_times(fr, flux_width_patcher(flux_width), ctx, torch.zeros(1, 4, 32, 32), rounds)}
+        ctx = [[torch.randn(1, FLUX_TOKENS[1], 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g) * 0.1}]]
+        side = 2 * int(FLUX_TOKENS[0] ** 0.5)
+        out["flux_width"] = {"width": flux_width, "depth": FLUX_DEPTH, "tokens": FLUX_TOKENS,
+                             **call_times(fr, flux_width_patcher(flux_width), ctx, torch.zeros(1, 4, side, side), rounds)}
         print("Flux-width DiT per-call CPU seconds:", json.dumps(out["flux_width"]), flush=True)
     return out
 
@@ -155,6 +150,22 @@ def cost(row: dict, t: dict, per_run: float) -> float:
     else:
         calls = row["net_calls"] / per_run * t["full"]
     return (calls + row["steps_per_run"] * t["overhead_per_step"]) / full
+
+
+def recost(out: Path, times: dict) -> None:
+    """A finished run's rows priced on both cost models (the demo DiT's and the Flux-width DiT's)."""
+    res = json.loads((out / "results.json").read_text())
+    per_run = res["args"]["queries"] // res["args"]["batch"]
+    f = times["flux_width"]
+    md = (f"Rows of {out / 'results.md'} priced per call kind on a random-weight DiT of width {f['width']} "
+          f"({f['depth'][0]} double + {f['depth'][1]} single blocks, {f['tokens'][0]} image + {f['tokens'][1]} text tokens; "
+          f"`scripts/bench_dit.py --times-only ... --flux-width {f['width']}`, {platform.processor() or platform.machine()}, "
+          f"median of {f['rounds']} rounds, load {f['loadavg'][0]:.1f}).\n\n"
+          "| setting | demo DiT cost | Flux-width DiT cost | PSNR (dB) |\n|---|---|---|---|\n")
+    for r in res["rows"]:
+        md += f"| {r['name']} | {r['cost']:.3f} | {cost(r, f, per_run):.3f} | {r['psnr']:.1f} |\n"
+    (out / "flux_width_costs.md").write_text(md)
+    print(md)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -172,10 +183,15 @@ def main() -> None:
     ap.add_argument("--times-only", default="", help="measure only the per-call times and write them to this JSON")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flux-width", type=int, default=0, help="with --times-only: also time a random DiT of this width (e.g. 3072)")
+    ap.add_argument("--recost", default="", help="times JSON with flux_width: price OUT/results.json's rows at the Flux width "
+                    "(writes OUT/flux_width_costs.md)")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--noise-guard", choices=("on", "off"), default="on",
                     help="the guard's noise-level checks on the ReDi rows (off: every item's statistics, to calibrate them for flow)")
     args = ap.parse_args()
+    if args.recost:
+        recost(Path(args.out), json.loads(Path(args.recost).read_text()))
+        return
     torch.set_num_threads(1)
     from redi_demo import host
 
@@ -228,7 +244,7 @@ def main() -> None:
     for thr in (0.05, 0.1, 0.15, 0.2, 0.3) if "easycache" in groups else ():
         run("EasyCache", f"EasyCache {thr}", EasyCacheNode.execute(b.model, thr, 0.15, 0.95, False).result[0])
     for s in map(fr_setting, FR_SETTINGS if "fr" in groups else ()):
-        run("FeatureReuse", s["name"], patch_fr(fr, b.model, s), setting=s)
+        run("FeatureReuse", s["name"], BFR.patch_fr(fr, b.model, s), setting=s)
     if "redi" in groups:
         stored = (2, 3, 4, 8, 10, 12, 14) if regime == "same" else (2, 3, 4, 5, 6, 8, 10, 12, 14, 16)
         kb = b.build_kb(f"dit_fixed_{args.kb_size}" + ("" if regime == "same" else "_new"), args.kb_size, "fixed", steps=stored)
@@ -239,7 +255,7 @@ def main() -> None:
             row = run("ReDi", f"ReDi k={k} v={v}", b.model, steps=STEPS - v + k, sampler=b.redi(kb, k, v, 1, space), k=k, v=v)
             row["redi_items"] = b.items[before:]  # per image, in the order of psnr_items: the guard's statistics
         for k, v in ((2, 12), (3, 12), (2, 14)):
-            run("ReDi+FR", f"ReDi k={k} v={v} + {fr_redi['name']}", patch_fr(fr, b.model, fr_redi), steps=STEPS - v + k,
+            run("ReDi+FR", f"ReDi k={k} v={v} + {fr_redi['name']}", BFR.patch_fr(fr, b.model, fr_redi), steps=STEPS - v + k,
                 sampler=b.redi(kb, k, v, 1, space), setting=fr_redi, k=k, v=v)
     if args.times:
         while not Path(args.times).is_file():  # measured by a --times-only run, on an idle machine
@@ -279,7 +295,8 @@ def write(rows: list[dict], feats: dict, b, args, times: dict, out: Path) -> Non
            f"sampler overhead per step {d['overhead_per_step']:.4f}.")
     if "flux_width" in times:
         f = times["flux_width"]
-        md += (f" Flux-width DiT (random weights, width {f['width']}, 2 double + 4 single blocks, 256 image + 256 text tokens): "
+        md += (f" Flux-width DiT (random weights, width {f['width']}, {f['depth'][0]} double + {f['depth'][1]} single blocks, "
+               f"{f['tokens'][0]} image + {f['tokens'][1]} text tokens): "
                f"full {f['full']:.2f}, reuse (all) {f['reuse all']:.2f}, reuse (first third computed) {f['reuse first third computed']:.2f}.")
     for name in ("FR default", next((r["name"] for r in rows if r["group"] == "ReDi" and bench_report.within_tolerance(r)), "")):
         if name:

@@ -36,9 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from redi_demo import dataset, evaluator, host, paired_stats  # noqa: E402
+from redi_demo import dataset, demo_models, evaluator, host, paired_stats  # noqa: E402
 
-STEPS, CFG, SAMPLER, SCHEDULER = 20, 6.0, "euler", "normal"
+SD1 = demo_models.MODELS["sd1"]
+STEPS, CFG, SAMPLER, SCHEDULER = SD1.steps, SD1.cfg, SD1.sampler, SD1.scheduler
 LIBRARY = "learning"
 
 
@@ -80,7 +81,7 @@ class Session:
         self.kb_nodes = importlib.import_module("redi_accelerate.nodes.kb_nodes")
         self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
         self.lib = importlib.import_module("redi_accelerate.kb_tools.library")
-        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / "redi_demo_shapes.safetensors")
+        self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / SD1.ckpt)
         neg = self.clip.encode_from_tokens(self.clip.tokenize(""), return_pooled=True)
         self.negative = [[neg[0], {}]]
         self.preset = preset

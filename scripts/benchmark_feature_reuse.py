@@ -87,7 +87,8 @@ def fr_settings() -> list[dict]:
 
 
 def patch_fr(fr, model, s: dict):
-    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", PARTS, s["mixing"], s.get("bias", 0.5),
+    """FeatureReuse with setting s (its parts: the UNet's by default)."""
+    return fr.ReDiFeatureReuse.execute(model, s["interval"], s["start"], 1.0, "all", s.get("parts", PARTS), s["mixing"], s.get("bias", 0.5),
                                        s["order"], s["schedule"], s["threshold"] or 0.15).result[0]
 
 
@@ -166,23 +167,29 @@ def sd15_setup(size: int) -> tuple:
     return B.sd15_patcher(), ctx, lat, comfy.sample.prepare_noise(lat, 0)
 
 
+def timed_sample(model, steps: int, noise, ctx, lat, scheduler: str, state=None) -> tuple[list, float]:
+    """One euler run with every diffusion-model call timed (CallTimer): the calls and the run's CPU seconds."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    timer = CallTimer(state)
+    m = model.clone()
+    # outermost: FeatureReuse's own wrapper (mixing, forecasting of the score) is inside the timing
+    m.wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {})
+    m.wrappers[pe.WrappersMP.DIFFUSION_MODEL] = {"bench_timer": [timer], **m.wrappers[pe.WrappersMP.DIFFUSION_MODEL]}
+    c0 = time.process_time()
+    comfy.sample.sample(m, noise, steps, B.CFG, "euler", scheduler, ctx, ctx, lat, disable_pbar=True)
+    return timer.calls, time.process_time() - c0
+
+
 def sd15_call_times(fr, size: int, orders: tuple[int, ...] = (0, 1, 2), known: dict | None = None) -> dict:
     """Per-call CPU seconds on the SD1.5-size UNet: a full call, the sampler's per-step
     overhead, and FeatureReuse's keyframe / reuse / jump calls for orders 0, 1, 2."""
-    import comfy.patcher_extension as pe
-    import comfy.sample
 
     patcher, ctx, lat, noise = sd15_setup(size)
 
     def timed(model, steps, state=None):
-        timer = CallTimer(state)
-        m = model.clone()
-        # outermost: FeatureReuse's own wrapper (mixing, forecasting of the score) is inside the timing
-        m.wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {})
-        m.wrappers[pe.WrappersMP.DIFFUSION_MODEL] = {"bench_timer": [timer], **m.wrappers[pe.WrappersMP.DIFFUSION_MODEL]}
-        c0 = time.process_time()
-        comfy.sample.sample(m, noise, steps, B.CFG, "euler", "normal", ctx, ctx, lat, disable_pbar=True)
-        return timer.calls, time.process_time() - c0
+        return timed_sample(model, steps, noise, ctx, lat, "normal", state)
 
     if known:  # a partial earlier measurement (the same size): add the missing orders
         out, jump = known, known["jump"]

@@ -23,6 +23,7 @@ calibration, `--calibrate` prints it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import platform
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from redi_demo import dataset, demo_models, evaluator, host  # noqa: E402
 
-STEPS, SEED, K, V = 20, 1024, 4, 10
+SEED, K, V = 1024, 4, 10
 PSNR_MIN, ACC_POINTS = 20.0, 2.0
 FAIL_DB = 15.0  # the per-image criterion: an image under 15 dB to its full run is a failed image
 MAX_FAILURE_RATE = 0.01  # a pair ships as "works" only with at most 1% failed images per regime
@@ -81,7 +82,7 @@ class Support:
         self.KBError, self.KnowledgeBase, self.ReDiParams, self.retrieve = KBError, KnowledgeBase, ReDiParams, retrieve
         self.guard = GUARD_DEFAULTS
         self.demo = demo_models.MODELS[model]
-        self.cfg = self.demo.cfg
+        self.cfg, self.steps = self.demo.cfg, self.demo.steps
         self.model, self.clip, self.vae = host.load_checkpoint(ROOT / "models" / self.demo.ckpt)
         self.model = patched(self.model, patch)
         self.net = evaluator.load()
@@ -99,7 +100,7 @@ class Support:
     def refusal(self, sampler: str, scheduler: str, per_scheduler: bool = False) -> str | None:
         """The pack's refusal of this sampler (with per_scheduler: of this pair), or None."""
         try:
-            self.cs.check_sampler(sampler, scheduler if per_scheduler else None)
+            self.cs.check_sampler(sampler, scheduler if per_scheduler else None, self.model)
         except self.KBError as e:
             return str(e)
         return None
@@ -112,21 +113,39 @@ class Support:
             return {**row, "verdict": "refused", "message": refused, "seconds": 0.0}
         path = self.out / "kb" / f"{sampler}__{scheduler}"
         shutil.rmtree(path, ignore_errors=True)
-        self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, STEPS, self.cfg, 64, 64,
+        lifted = self._refusals_off() if self.refusal(sampler, scheduler, per_scheduler=True) else contextlib.nullcontext()
+        with lifted, torch.inference_mode():  # as the server runs a prompt (uni_pc's finish on a flow model needs it)
+            self._measure(sampler, scheduler, path, row)
+        row.update(verdict=verdict(row), seconds=time.perf_counter() - t0)
+        if refused:
+            row.update(measured=row["verdict"], verdict="refused", message=refused)
+        return row
+
+    @contextlib.contextmanager
+    def _refusals_off(self):
+        """The pack's sampler refusals lifted, to measure a refused pair (its KB build refuses it too)."""
+        samplers = importlib.import_module("redi_accelerate.comfy_adapter.samplers")
+        restart, verdicts = dict(samplers.RESTART_FAILS), samplers.VERDICTS
+        samplers.RESTART_FAILS.clear()
+        samplers.VERDICTS = {kind: {"fails": {}, "works": {}} for kind in samplers.KINDS}
+        try:
+            yield
+        finally:
+            samplers.RESTART_FAILS.update(restart)
+            samplers.VERDICTS = verdicts
+
+    def _measure(self, sampler: str, scheduler: str, path: Path, row: dict) -> None:
+        self.kb_nodes.build_kb(self.model, self.clip, path, self.kb_prompts, "", sampler, scheduler, self.steps, self.cfg, 64, 64,
                                len(self.kb_prompts), "fixed", SEED, (K, V), refuse_unsupported=False)
         kb = self.KnowledgeBase.open(path)  # format 2 reads rows on demand: the folder is removed after the queries
         try:
             self._queries(kb, sampler, scheduler, row)
         finally:
             shutil.rmtree(path, ignore_errors=True)
-        row.update(verdict=verdict(row), seconds=time.perf_counter() - t0)
-        if refused:
-            row.update(measured=row["verdict"], verdict="refused", message=refused)
-        return row
 
     def _queries(self, kb, sampler: str, scheduler: str, row: dict) -> None:
         """ReDi against the full run at the KB's seed and at new seeds; fills row[regime] and row["items"]."""
-        ph = self.cs.Phases(self.model, STEPS, self.cfg, sampler, scheduler, self.negative, preview=False)
+        ph = self.cs.Phases(self.model, self.steps, self.cfg, sampler, scheduler, self.negative, preview=False)
         n = len(self.samples)
         latent = torch.zeros((n, 4, 8, 8))
         items = []
@@ -168,7 +187,7 @@ class Support:
         seeds = [SEED, 5001, 5002]
         latent = torch.zeros((3, 4, 8, 8))
         noise = self.cs.noise_for(latent, seeds)
-        ph = self.cs.Phases(self.model, STEPS, self.cfg, sampler, scheduler, self.negative, preview=False)
+        ph = self.cs.Phases(self.model, self.steps, self.cfg, sampler, scheduler, self.negative, preview=False)
         plan = self.cs.NoisePlan(sampler, ph.sigmas, seeds[0], 3, seeds)
         cap = self.cs.Capture(sampler, noise=plan)
         full = ph._run(cap, cond, latent, noise, ph.sigmas, seeds[0])
@@ -206,25 +225,29 @@ def why(row: dict) -> str:
     return "within tolerance"
 
 
-def write_verdicts(rows: list[dict], path: Path) -> None:
-    """comfy_adapter/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work. The measured
-    pairs replace their old verdicts; pairs not measured in this run keep theirs."""
+def write_verdicts(rows: list[dict], path: Path, kind: str = "eps", made_by: str = "") -> None:
+    """comfy_adapter/sampler_verdicts.json: the pairs the pack refuses (FAILS here) and the ones that work, for
+    epsilon models (the file's top level) or flow models (its "flow" section). The measured pairs replace
+    their old verdicts; pairs not measured in this run keep theirs."""
     data = json.loads(path.read_text())
+    section = data if kind == "eps" else data.setdefault("flow", {})
     measured = {(r["sampler"], r["scheduler"]) for r in rows if "same" in r}
-    fails = {s: {k: v for k, v in per.items() if k == "*" or (s, k) not in measured} for s, per in data["fails"].items()}
-    works: dict[str, list[str]] = {k: [s for s in v if (s, k) not in measured] for k, v in data.get("works", {}).items()}
+    fails = {s: {k: v for k, v in per.items() if k == "*" or (s, k) not in measured} for s, per in section.get("fails", {}).items()}
+    works: dict[str, list[str]] = {k: [s for s in v if (s, k) not in measured] for k, v in section.get("works", {}).items()}
     for r in rows:
         if "same" not in r:
             continue
         if verdict(r) == "FAILS":
             fails.setdefault(r["sampler"], {})[r["scheduler"]] = why(r)
-            if r["scheduler"] == "normal" and min(r["same"]["psnr"], r["new"]["psnr"]) < PSNR_MIN:
+            if kind == "eps" and r["scheduler"] == "normal" and min(r["same"]["psnr"], r["new"]["psnr"]) < PSNR_MIN:
                 # broken images, not a few points of accuracy: refused with every scheduler
                 fails[r["sampler"]]["*"] = why(r) + " with the normal scheduler"
-        elif r["verdict"] != "refused" or "measured" in r:
+        else:
             works.setdefault(r["scheduler"], []).append(r["sampler"])
-    data["fails"] = {s: per for s, per in sorted(fails.items()) if per}
-    data["works"] = {k: sorted(set(v)) for k, v in sorted(works.items()) if v}
+    section["fails"] = {s: per for s, per in sorted(fails.items()) if per}
+    section["works"] = {k: sorted(set(v)) for k, v in sorted(works.items()) if v}
+    if made_by:
+        section["made_by"] = made_by
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -400,7 +423,7 @@ def main() -> None:
     old_text = table_path.read_text() if table_path.is_file() else ""
     previous = {p: line for p, line in previous_rows(table_path).items() if p not in {(r["sampler"], r["scheduler"]) for r in rows}}
     head = (f"Made by `.venv/bin/python scripts/sampler_support.py` on {platform.machine()} ({platform.processor() or 'CPU'}), "
-            f"{sup.demo.title}, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {STEPS} steps, "
+            f"{sup.demo.title}, KB of {args.kb_size} prompts, {args.queries} query prompts per regime, k={K}, v={V}, H=1, {sup.steps} steps, "
             f"cfg {sup.cfg:g}, guard at its defaults. accuracy: the evaluator's mean attribute accuracy in %.")
     guard = "\n\n## Guard statistics (guard off)\n\n" + calibration(items) + "\n"
     if previous:  # a partial run (new samplers of a newer host): the other pairs keep their earlier lines and header
@@ -422,7 +445,10 @@ def main() -> None:
     if args.calibrate:
         print(calibration(items))
     if args.write_verdicts:
-        write_verdicts(rows, ROOT / "comfy_adapter" / "sampler_verdicts.json")
+        kind = "flow" if args.model == "dit" else "eps"
+        write_verdicts(rows, ROOT / "comfy_adapter" / "sampler_verdicts.json", kind,
+                       f".venv/bin/python scripts/sampler_support.py --model {args.model} --kb-size {args.kb_size} --queries {args.queries} "
+                       f"({sup.demo.title}, k={K}, v={V}, H=1, {sup.steps} steps, cfg {sup.cfg:g})" if kind == "flow" else "")
         print("wrote comfy_adapter/sampler_verdicts.json")
     failing = [f"{r['sampler']}/{r['scheduler']}" for r in rows if r["verdict"] == "FAILS"
                and sup.refusal(r["sampler"], r["scheduler"], per_scheduler=True) is None]

@@ -27,7 +27,7 @@ status=0
 run() {  # run HOST PYTEST_ARGS...: one host's tiers, timed; a failure still lets the other host run
   local host=$1 start=$SECONDS; shift
   echo "=== ComfyUI $host: pytest $*"
-  REDI_COMFY=$host "$(venv_of "$host")/bin/python" -m pytest "$@" || status=1
+  REDI_COMFY=$host "$(venv_of "$host")/bin/python" -m pytest --durations=20 "$@" || status=1
   echo "=== ComfyUI $host: $((SECONDS - start)) s"
 }
 run 0.30.0 tests

@@ -3,6 +3,7 @@ and FeatureReuse run on it, and a KB never crosses between the two demo models o
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,30 @@ def test_flux_shift_is_fingerprinted(server, dit_kb):
     g["7"]["inputs"]["model"] = ["20", 0]
     msg = _error(server, g)
     assert "model sampling" in msg and "shift" in msg, msg
+
+
+def _flow_only_failure() -> tuple[str, str, str]:
+    """A pair the shipped verdicts refuse on flow models (measured on the DiT) but accept on SD1.x."""
+    verdicts = json.loads((Path(__file__).resolve().parents[2] / "comfy_adapter" / "sampler_verdicts.json").read_text())
+    for sampler, per in sorted(verdicts["flow"]["fails"].items()):
+        for scheduler, why in per.items():
+            if sampler in verdicts["works"].get(scheduler, []):
+                return sampler, scheduler, why
+    pytest.skip("no pair fails on the DiT alone")
+
+
+def test_pair_that_fails_on_flow_is_refused_on_the_dit(server):
+    """The sampler x scheduler verdicts measured on the DiT decide for it: a pair that works on SD1.x but
+    failed on the DiT passes the queue (no model is known there) and is refused on the node, with why."""
+    sampler, scheduler, why = _flow_only_failure()
+    g = workflows.dit_redi_ksampler(prompts=workflows.kb_prompts(4, seed=21))
+    for node in g.values():
+        if "scheduler" in node["inputs"]:
+            node["inputs"]["scheduler"] = scheduler
+        if "sampler_name" in node["inputs"]:
+            node["inputs"]["sampler_name"] = sampler
+        if node["inputs"].get("kb_name") == workflows.DIT_KB_NAME:
+            node["inputs"]["kb_name"] = "dit_kb_for_the_flow_verdict_test"
+    msg = _error(server, g)
+    assert f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi" in msg, msg
+    assert why in msg and "measured on the Flux DiT demo model" in msg, msg

@@ -88,3 +88,53 @@ def test_no_accepted_sampler_crashes_a_redi_phase(pack):
         ran.append(s)
     assert {"euler", "euler_ancestral", "heun", "dpmpp_2m"} <= set(ran), ran
     assert len(ran) >= len(samplers) - 20, ran  # about 18 are refused with every scheduler
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The two demo models' patchers: the SD1.x UNet (epsilon) and the Flux DiT (rectified flow)."""
+    sd1 = host.load_checkpoint(host.PACK_ROOT / "models" / "redi_demo_shapes.safetensors")[0]
+    dit = host.load_checkpoint(host.PACK_ROOT / "models" / "redi_demo_shapes_dit.safetensors")[0]
+    return sd1, dit
+
+
+def test_flow_verdicts_decide_for_flow_models(pack, models, monkeypatch):
+    """A pair measured on the Flux DiT is decided by that measurement for flow models, by the SD1.x one for
+    epsilon models, and at queue time (no model yet) refused only where both refuse it."""
+    samplers = importlib.import_module("redi_accelerate.comfy_adapter.samplers")
+    KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
+    sd1, dit = models
+    assert (samplers.model_kind(sd1), samplers.model_kind(dit)) == ("eps", "flow")
+    eps = {"fails": {"euler": {"normal": "eps says no"}}, "works": {"normal": ["heun"], "beta": ["euler", "heun"]}}
+    flow = {"fails": {"euler": {"beta": "flow says no"}}, "works": {"normal": ["euler", "heun"], "beta": ["heun"]}}
+    monkeypatch.setattr(samplers, "VERDICTS", {"eps": eps, "flow": flow})
+    with pytest.raises(KBError, match="flow says no, measured on the Flux DiT demo model.*use heun with it"):
+        pack.check_sampler("euler", "beta", dit)
+    pack.check_sampler("euler", "beta", sd1)
+    with pytest.raises(KBError, match="eps says no, measured on the SD1.x demo model"):
+        pack.check_sampler("euler", "normal", sd1)
+    pack.check_sampler("euler", "normal", dit)
+    assert pack.sampler_problem("euler", "beta") is True and pack.sampler_problem("euler", "normal") is True
+    # a pair the flow table does not cover falls back to the epsilon verdict, for both kinds
+    eps["fails"]["heun"] = {"karras": "eps only"}
+    for model in (sd1, dit, None):
+        with pytest.raises(KBError, match="eps only"):
+            pack.check_sampler("heun", "karras", model)
+
+
+def test_shipped_flow_verdicts_are_measured_pairs(pack, models):
+    """Every pair in the shipped flow table is refused on the DiT with its measurement, or accepted there
+    (samplers that cannot restart at the value step stay refused for every model)."""
+    samplers = importlib.import_module("redi_accelerate.comfy_adapter.samplers")
+    KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
+    _, dit = models
+    flow = samplers.VERDICTS["flow"]
+    assert flow["works"].get("simple") and "euler" in flow["works"]["simple"], flow  # the DiT's default pair works
+    for sampler, per in flow["fails"].items():
+        for scheduler in per if sampler not in samplers.RESTART_FAILS else ():  # refused for every model
+            with pytest.raises(KBError, match="measured on the Flux DiT demo model"):
+                pack.check_sampler(sampler, scheduler, dit)
+    for scheduler, names in flow["works"].items():
+        for sampler in names:
+            if sampler not in samplers.RESTART_FAILS:
+                pack.check_sampler(sampler, scheduler, dit)

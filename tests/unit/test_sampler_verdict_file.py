@@ -1,0 +1,46 @@
+"""scripts/sampler_support.py's verdict file: a DiT run writes its pairs to the "flow" section and leaves
+the SD1.x (epsilon) verdicts alone; a re-measured pair replaces its old verdict."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def support():
+    spec = importlib.util.spec_from_file_location("sampler_support", ROOT / "scripts" / "sampler_support.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sampler_support"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(sampler: str, scheduler: str, acc_redi: float) -> dict:
+    m = {"psnr": 30.0, "acc_full": 0.97, "acc_redi": acc_redi, "below15": 0, "n": 24}
+    return {"sampler": sampler, "scheduler": scheduler, "same": dict(m), "new": dict(m), "verdict": "measured"}
+
+
+def test_flow_rows_go_to_the_flow_section(support, tmp_path):
+    path = tmp_path / "sampler_verdicts.json"
+    eps = {"fails": {"lcm": {"normal": "eps"}}, "works": {"beta": ["euler"], "normal": ["euler"]}}
+    path.write_text(json.dumps({**eps, "made_by": "sd1 run", "flow": {"fails": {"heun": {"simple": "old"}}, "works": {}}}))
+    rows = [_row("euler", "beta", 0.91), _row("euler", "normal", 0.97), _row("heun", "simple", 0.97)]
+    support.write_verdicts(rows, path, "flow", "dit run")
+    data = json.loads(path.read_text())
+    assert {k: data[k] for k in ("fails", "works", "made_by")} == {**eps, "made_by": "sd1 run"}  # untouched
+    flow = data["flow"]
+    assert flow["fails"] == {"euler": {"beta": "accuracy 91% vs 97% for the full run at the KB's seed"}}
+    assert flow["works"] == {"normal": ["euler"], "simple": ["heun"]}  # heun/simple re-measured: it works now
+    assert flow["made_by"] == "dit run"
+
+
+def test_a_failed_image_fails_the_pair(support):
+    row = _row("euler", "simple", 0.97)
+    assert support.verdict(row) == "works"
+    row["new"]["below15"] = 1  # 1 of 24 images under 15 dB: over the 1% the per-image criterion allows
+    assert support.verdict(row) == "FAILS" and "1 of 24 images under 15 dB" in support.why(row)
