@@ -12,19 +12,20 @@ from redi_demo import host
 
 pytestmark = pytest.mark.integration
 
-CKPT = host.PACK_ROOT / "models" / "redi_demo_shapes.safetensors"
+CKPTS = {"sd1": "redi_demo_shapes.safetensors", "dit": "redi_demo_shapes_dit.safetensors"}
 
 
-@pytest.fixture(scope="module")
-def env():
+@pytest.fixture(scope="module", params=list(CKPTS))
+def env(request):
+    """Each demo model in turn: the SD1.x UNet and the Flux DiT (whose LoRA keys ComfyUI maps its own way)."""
     host.load_pack()
     identity = importlib.import_module("redi_accelerate.comfy_adapter.identity")
-    model, clip, _ = host.load_checkpoint(CKPT)
+    model, clip, _ = host.load_checkpoint(host.PACK_ROOT / "models" / CKPTS[request.param])
     return identity, model
 
 
 def make_lora(model, seed: int, rank: int = 2, layers: int = 6) -> dict[str, torch.Tensor]:
-    """A LoRA file's state dict for the demo UNet (the keys ComfyUI's loader maps)."""
+    """A LoRA file's state dict for a demo model (the keys ComfyUI's loader maps)."""
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
