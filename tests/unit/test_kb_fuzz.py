@@ -3,22 +3,14 @@ long one). Seeded mutations of every file kind of three valid KBs (one with IVF 
 validate, a query and an append per case in worker subprocesses: no crash, no raw exception,
 validate and the runtime agree, a refused append changes no byte (docs/kb_fuzzing.md)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import script_module
 
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_kb", ROOT / "scripts" / "fuzz_kb.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_kb"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module.load("fuzz_kb")
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,16 @@
 """scripts/sampler_support.py's verdict file: a DiT run writes its pairs to the "flow" section and leaves
 the SD1.x (epsilon) verdicts alone; a re-measured pair replaces its old verdict."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import script_module
 
 
 @pytest.fixture(scope="module")
 def support():
-    spec = importlib.util.spec_from_file_location("sampler_support", ROOT / "scripts" / "sampler_support.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sampler_support"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module.load("sampler_support")
 
 
 def _row(sampler: str, scheduler: str, acc_redi: float) -> dict:
