@@ -104,17 +104,17 @@ def check_sampler(sampler: str, scheduler: str | None = None, model=None) -> Non
         raise KBError(refusals[0])
 
 
-def _table(sampler: str, scheduler: str | None, kind: str) -> dict:
-    """The verdict table that decides this pair for this kind: the flow one where it covers the pair."""
+def _deciding_kind(sampler: str, scheduler: str | None, kind: str) -> str:
+    """Whose verdicts decide this pair for a model of this kind: the flow ones where they cover the pair."""
     flow = VERDICTS["flow"]
     covered = scheduler is not None and (sampler in flow["works"].get(scheduler, ()) or scheduler in flow["fails"].get(sampler, {}))
-    return flow if kind == "flow" and covered else VERDICTS["eps"]
+    return "flow" if kind == "flow" and covered else "eps"
 
 
 def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> str | None:
     """Why the measured verdicts refuse this sampler (with a scheduler: this pair) for models of this kind, or None."""
-    table = _table(sampler, scheduler, kind)
-    on = MEASURED_ON["flow" if table is VERDICTS["flow"] else "eps"]
+    deciding = _deciding_kind(sampler, scheduler, kind)
+    table, on = VERDICTS[deciding], MEASURED_ON[deciding]
     fails = table["fails"].get(sampler, {})
     if "*" in fails:
         return (f"sampler {sampler!r} does not work with ReDi within tolerance ({fails['*']}, measured on "
@@ -125,7 +125,7 @@ def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> s
         use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
         return (f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
                 f"measured on {on}; the tolerance is 20 dB, 2 points of accuracy and at most 1% of images under 15 dB); {use}")
-    if table is VERDICTS["flow"]:  # measured on a flow model
+    if deciding == "flow":  # measured on a flow model: that verdict is the whole answer
         return None
     if REFUSE_UNMEASURED and not measured(sampler, scheduler):
         works = VERDICTS["eps"]["works"].get(scheduler or "", [])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import comfy.model_management
-import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import latent_preview
@@ -30,13 +29,12 @@ import torch
 from ..redi_core import noise_levels
 from ..redi_core.retrieval import KeyState
 from .noise import NoisePlan
-from .samplers import VP_CALLBACK, check_sampler, stop_step_for
+from .samplers import VP_CALLBACK, check_sampler, model_kind, stop_step_for
 
 
 def noise_levels_of(model, sigmas: torch.Tensor, key_step: int, value_step: int) -> noise_levels.NoiseLevels:
     """The schedule's noise ratios at the key and value steps, for the quality guard."""
-    flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-    return noise_levels.NoiseLevels.of(sigmas.float().cpu().tolist(), key_step, value_step, flow)
+    return noise_levels.NoiseLevels.of(sigmas.float().cpu().tolist(), key_step, value_step, model_kind(model) == "flow")
 
 
 def ksampler_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor:

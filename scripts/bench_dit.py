@@ -189,8 +189,9 @@ def main() -> None:
     ap.add_argument("--noise-guard", choices=("on", "off"), default="on",
                     help="the guard's noise-level checks on the ReDi rows (off: every item's statistics, to calibrate them for flow)")
     args = ap.parse_args()
+    out = Path(args.out or ROOT / "out" / f"bench_dit_{args.seeds}")
     if args.recost:
-        recost(Path(args.out), json.loads(Path(args.recost).read_text()))
+        recost(out, json.loads(Path(args.recost).read_text()))
         return
     torch.set_num_threads(1)
     from redi_demo import host
@@ -203,7 +204,6 @@ def main() -> None:
         model, clip, _ = host.load_checkpoint(ROOT / "models" / B.MODEL.ckpt)
         Path(args.times_only).write_text(json.dumps(measure_times(fr, model, clip, args.rounds, args.flux_width), indent=1))
         return
-    out = Path(args.out or ROOT / "out" / f"bench_dit_{args.seeds}")
     out.mkdir(parents=True, exist_ok=True)
     b = B.Bench(out, args.queries, args.batch, prompt_seed=args.prompt_seed, seed_base=args.seed_base)
     regime = "same" if args.seeds == "fixed" else "per-image"
