@@ -15,6 +15,7 @@ from .samplers import (
     check_sampler,
     sampler_problem,
     stop_step_for,
+    unverified_reason,
 )
 from .sampling import (
     Capture,
@@ -33,5 +34,5 @@ __all__ = [
     "DETERMINISTIC", "OWN_STEPS", "RECORDED_RIGHT_BEFORE_V2", "RESTART_FAILS", "Capture", "NoisePlan", "Phases", "check_interrupt",
     "check_sampler", "conditioning_signature", "key_state", "ksampler_sigmas", "model_hash", "noise_for",
     "noise_levels_of", "processed_conds_rows", "sampler_problem", "sampling_signature", "scheduler_of", "sigmas_for", "stop_step_for",
-    "to_latent_image",
+    "to_latent_image", "unverified_reason",
 ]

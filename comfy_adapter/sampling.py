@@ -106,8 +106,10 @@ class Capture(comfy.samplers.Sampler):
     and can stop at a step. `offset` is the index of sigmas[0] in the whole schedule."""
 
     def __init__(self, name: str, offset: int = 0, stop_at: int | None = None, record: bool = True,
-                 noise: NoisePlan | None = None, rows: np.ndarray | None = None) -> None:
+                 noise: NoisePlan | None = None, rows: np.ndarray | None = None, landing=None) -> None:
         self.name = name
+        self.landing = landing  # landing.landing_guard: checks the first step's denoised estimate (may raise)
+        self.landed: np.ndarray | None = None  # its values, once checked
         self.inner = comfy.samplers.sampler_object(name)
         self.offset, self.stop_at, self.record = offset, stop_at, record
         self.noise, self.rows = noise, rows  # the noise plan of the run and the batch rows of this phase
@@ -141,6 +143,8 @@ class Capture(comfy.samplers.Sampler):
 
         def cb(i, x0, x, total):
             step = i + self.offset
+            if i == 0 and self.landing is not None:
+                self.landed = self.landing(x0.detach().float().cpu().numpy())
             if self.record:
                 if self.name in VP_CALLBACK:
                     state = x * math.sqrt(1.0 + float(sigmas[i]) ** 2)
@@ -214,6 +218,7 @@ class Phases:
         self.preview = latent_preview.prepare_callback(model, steps) if preview else None
         self.noise_plan: NoisePlan | None = None
         self.key_capture: Capture | None = None  # the last key phase's states (x after every step up to k)
+        self.last_finish: Capture | None = None  # the last finish's sampler (its landing values)
 
     def to_out(self, t: torch.Tensor) -> torch.Tensor:
         return self.latent_format.process_out(t)
@@ -245,11 +250,14 @@ class Phases:
         return key_state(cap, k, self.sigmas)
 
     def finish(self, positive, x_model: np.ndarray, start: int, seed: int, rows: np.ndarray | None = None,
-               record: Capture | None = None) -> torch.Tensor:
+               record: Capture | None = None, landing=None) -> torch.Tensor:
         """Sample the batch rows `rows` (all: None) of the last key phase from `start` to the end, on the
         full run's noise; input is the sampler state x, output in ComfyUI's latent space. `record`: a
-        Capture made by `finish_capture` that keeps the states of every step (no extra model call)."""
+        Capture made by `finish_capture` that keeps the states of every step (no extra model call).
+        `landing`: the guard's check of the first step (landing.landing_guard; raises LandingRejected)."""
         cap = record or Capture(self.sampler, offset=start, record=False, noise=self.noise_plan, rows=rows)
+        cap.landing = landing
+        self.last_finish = cap
         x = to_latent_image(self.model_sampling, float(self.sigmas[start]), torch.from_numpy(np.ascontiguousarray(x_model)))
         x = self.to_out(x)
         return self._run(cap, positive, x, torch.zeros_like(x), self.sigmas[start:], seed)

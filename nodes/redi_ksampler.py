@@ -13,8 +13,11 @@ from ..comfy_adapter import kb_match, recording
 from ..kb_tools.errors import KBError
 from ..kb_tools.library import DEFAULT_CAP, Library, library_root
 from ..redi_core import adaptive
+from ..redi_core.landing import finish_groups
 from ..redi_core.retrieval import GUARD_DEFAULTS, retrieve, summary_lines
 from . import kb_types
+
+HELD = "this sampler and scheduler are not verified per image (see the first line)"
 
 
 def redi_inputs(kb_optional: bool = False) -> list:
@@ -25,7 +28,7 @@ def redi_inputs(kb_optional: bool = False) -> list:
         io.Int.Input("key_step", default=4, min=1, max=1000, tooltip="Steps sampled before retrieval (k). Later keys match more precisely but skip less. Must be a stored step of the KB."),
         io.Int.Input("value_step", default=10, min=2, max=1000, tooltip="Step the blended neighbours jump to (v > k). Steps k..v are skipped: more skipping is faster and drifts further from the full result. Must be a stored step. Where the scheduler leaves little noise at v (e.g. karras or exponential at 20 steps, v=10), the guard uses only close neighbours and samples the rest in full (the report says so)."),
         io.Int.Input("neighbours", default=1, min=1, max=64, tooltip="Neighbours H blended with least-squares weights. 1 rescales the nearest trajectory (the authors' setting)."),
-        io.Combo.Input("key_space", options=kb_match.KEY_SPACE_OPTIONS, default="auto", tooltip="latent: match noisy latents (the paper; needs the KB's seed). denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed). auto: latent when the seed is the KB's fixed seed, else denoised."),
+        io.Combo.Input("key_space", options=kb_match.KEY_SPACE_OPTIONS, default="auto", tooltip="denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed; verified per image). latent: match noisy latents (the paper's setting; needs the KB's seed, and at that seed a sparse KB put 1-4 of 96 images under 15 dB, so it is not the default). auto: denoised."),
         io.Float.Input("max_key_distance", default=GUARD_DEFAULTS["max_key_distance"], min=0.0, max=10.0, step=0.01,
                        tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), the item is sampled in full from the key step instead, and the report says so. The default is calibrated on the demo model (docs/how_redi_works.md); 0 turns the guard's distance checks off, the noise-level check included."),
         io.Float.Input("max_residual", default=GUARD_DEFAULTS["max_residual"], min=0.0, max=10.0, step=0.01,
@@ -111,15 +114,17 @@ class ReDiKSampler(io.ComfyNode):
         phases = comfy_adapter.Phases(counted, steps, cfg, sampler_name, scheduler, negative)
         noise = comfy.sample.prepare_noise(latent, seed)
         key_positive = content_positive if content_positive is not None else positive
+        hold = comfy_adapter.unverified_reason(sampler_name, scheduler, model)  # a pair not verified per image: all in full
         if speed == adaptive.FIXED:
-            params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
-                                                latent.shape[0], max_weight_deviation)
+            params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
+                                             max_weight_deviation)
             state = phases.key_phase(key_positive, latent, noise, seed, params.key_step)
             key_calls = counter.calls
             ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),
                            noise=comfy_adapter.noise_levels_of(model, phases.sigmas, params.key_step, params.value_step))
+            if hold:
+                ret.hold(HELD)
             groups = [(start, idx, src) for start, idx, src in ret.starts(state, params)]
-            lines = summary_lines(ret, params, steps)
             k = params.key_step
         else:
             stored = lkb.fingerprint.stored_steps if lkb is not None else kb.fingerprint.stored_steps
@@ -129,13 +134,16 @@ class ReDiKSampler(io.ComfyNode):
             explore, spacing = exploration(lkb, kb, k, speed, record)
             ret = adaptive.retrieve_adaptive(kb, state, k, tiers, phases.sigmas.float().tolist(), neighbours, max_weight_deviation,
                                              explore=explore, spacing=spacing)
+            if hold:
+                ret.hold(HELD, state)
             groups = list(ret.starts())
-            lines = adaptive.summary_lines(ret, speed, tiers, steps, explore)
         out = torch.zeros(latent.shape)
         recorded = 0
-        for start, idx, src in groups:
+
+        def run(start, idx, src, landing):
+            nonlocal recorded
             cap = phases.finish_capture(start, idx) if record and start == k else None
-            out[idx] = phases.finish(positive, src, start, seed, rows=idx, record=cap).float().cpu()
+            out[idx] = phases.finish(positive, src, start, seed, rows=idx, record=cap, landing=landing).float().cpu()
             if cap is not None:
                 got = recording.finished_rows(phases.key_capture, cap, k, lkb.fingerprint.stored_steps, idx)
                 if got is not None:
@@ -143,6 +151,17 @@ class ReDiKSampler(io.ComfyNode):
                     text = kb_types.prompt_text_of(cls, "positive") if store_prompt_text else None
                     recording.submit(lib, lkb, got[0], got[1], [sigs[i] for i in idx], seed, idx.tolist(), [text] * len(idx))
                     recorded += len(idx)
+            return phases.last_finish.landed
+
+        if speed == adaptive.FIXED:
+            finish_groups(run, groups, ret, state, params)
+            lines = summary_lines(ret, params, steps)
+        else:
+            for start, idx, src in groups:
+                run(start, idx, src, None)
+            lines = adaptive.summary_lines(ret, speed, tiers, steps, explore)
+        if hold:
+            lines = [f"ReDi: {hold}"] + lines
         if lib is not None:
             lines = [library_line(library.strip(), lkb, kb, record, recorded, learn, sampler_name, content_positive is not None,
                                   "stock KSampler")] + lines

@@ -14,9 +14,10 @@ from ..comfy_adapter import kb_match, recording
 from ..kb_tools.errors import KBError
 from ..kb_tools.library import DEFAULT_CAP, Library, library_root
 from ..redi_core import adaptive
+from ..redi_core.landing import finish_groups
 from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, retrieve, summary_lines
 from . import kb_types
-from .redi_ksampler import exploration, library_inputs, library_line, redi_inputs
+from .redi_ksampler import HELD, exploration, library_inputs, library_line, redi_inputs
 
 
 class ReDiSamplerImpl(comfy.samplers.Sampler):
@@ -80,13 +81,17 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         if self.speed != adaptive.FIXED:
             return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
                                          kb, None, self.speed, notes)
-        params = kb_match.resolve_params(kb, *self.opts[:5], self.opts[5], extra_args.get("seed", -1), noise.shape[0],
-                                            self.max_weight_deviation)
+        params = kb_match.resolve_params(kb, *self.opts[:6], self.max_weight_deviation)
         k, v = params.key_step, params.value_step
         x_k, key, plan = self._key_phase(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k)
         state = comfy_adapter.key_state(key, k, sigmas)
         ret = retrieve(kb, state, params, sigma_v=float(sigmas[v]), noise=comfy_adapter.noise_levels_of(patcher, sigmas, k, v))
-        out = self._finish(model_wrap, sigmas, extra_args, callback, x_k, plan, ret.starts(state, params), denoise_mask, disable_pbar)
+        hold = comfy_adapter.unverified_reason(self.inner_name, scheduler or fp.scheduler, patcher)
+        if hold:
+            ret.hold(HELD)
+            notes = [f"ReDi: {hold}"] + notes
+        out = self._finish(model_wrap, sigmas, extra_args, callback, x_k, plan, ret.starts(state, params), denoise_mask, disable_pbar,
+                           checked=(ret, state, params))
         return self._report(out, summary_lines(ret, params, steps) + notes)
 
     def _key_phase(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k):
@@ -111,25 +116,34 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         return x_k, key, plan
 
     def _finish(self, model_wrap, sigmas, extra_args, callback, x_k, plan, groups, denoise_mask, disable_pbar,
-                record_from: int | None = None, captures: dict | None = None):
+                record_from: int | None = None, captures: dict | None = None, checked: tuple | None = None):
         """Each group (start step, rows, start states) sampled from its start to the end; the group that
-        starts at `record_from` is recorded into `captures[start]` (no extra model call)."""
+        starts at `record_from` is recorded into `captures[start]` (no extra model call). `checked`: the
+        fixed path's (retrieval, key state, params), whose jumped items get the guard's landing check."""
         steps = len(sigmas) - 1
         out = x_k.clone()
         ms = model_wrap.inner_model.model_sampling
-        for start, idx, start_states in groups:
+
+        def run(start, idx, start_states, landing):
             src = comfy_adapter.to_latent_image(ms, float(sigmas[start]), torch.from_numpy(start_states)).to(x_k)
             record = record_from is not None and start == record_from
-            finish = comfy_adapter.Capture(self.inner_name, offset=start, record=record, noise=plan, rows=idx)
+            finish = comfy_adapter.Capture(self.inner_name, offset=start, record=record, noise=plan, rows=idx, landing=landing)
             if record and captures is not None:
                 captures[start] = (finish, idx)
 
-            def finish_cb(i, x0, x, _n, start=start):
+            def finish_cb(i, x0, x, _n):
                 if callback is not None:
                     callback(i + start, x0, x, steps)
 
             out[idx] = finish.sample(model_wrap, sigmas[start:], dict(extra_args), finish_cb, torch.zeros_like(src), src,
                                      None if denoise_mask is None else denoise_mask[idx], disable_pbar)
+            return finish.landed
+
+        if checked is not None:
+            finish_groups(run, list(groups), *checked)
+        else:
+            for start, idx, start_states in groups:
+                run(start, idx, start_states, None)
         return out
 
     def _report(self, out, lines: list[str]):
@@ -158,6 +172,12 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         explore, spacing = exploration(lkb, kb, k, speed, record)
         ret = adaptive.retrieve_adaptive(kb, state, k, tiers, sigmas.float().cpu().tolist(), self.opts[2], self.max_weight_deviation,
                                          explore=explore, spacing=spacing)
+        patcher = model_wrap.model_patcher
+        hold = comfy_adapter.unverified_reason(self.inner_name, comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
+                                               or (kb.fingerprint.scheduler if kb is not None else None), patcher)
+        if hold:
+            ret.hold(HELD, state)
+            notes = [f"ReDi: {hold}"] + notes
         captures: dict = {}
         out = self._finish(model_wrap, sigmas, extra_args, callback, x_k, plan, ret.starts(), denoise_mask, disable_pbar,
                            record_from=k if record else None, captures=captures)

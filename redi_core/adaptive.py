@@ -223,6 +223,13 @@ class AdaptiveRetrieval:
     def accepted(self) -> np.ndarray:
         return self.value_steps > self.key_step
 
+    def hold(self, reason: str, state: KeyState) -> None:
+        """Every item sampled in full from the key step, for one reason (an unverified pair)."""
+        self.value_steps[:] = self.key_step
+        self.x_start[:] = state.x
+        for rep in self.reports:
+            rep.accepted, rep.reason = False, reason
+
     def starts(self):
         """(start step, item indices, their start states), one group per distinct start step."""
         for start in sorted(set(self.value_steps.tolist())):

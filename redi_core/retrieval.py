@@ -33,6 +33,13 @@ GUARD_DEFAULTS = {"max_key_distance": 1.5, "max_residual": 0.0, "max_weight_devi
 # the distance between the query's denoised estimate at k and the blend of its neighbours' (see
 # docs/how_redi_works.md for its calibration). Not a node input: it follows max_key_distance's switch.
 MAX_DENOISED_DISTANCE = 0.0
+# The per-image landing check (on by default): after the jump, the finish's first denoised estimate must
+# still show the picture the query's own estimate at k showed (landing_disagreements <= this), else the
+# item restarts from k. Calibrated on 1,536 measured items at 96 queries per regime
+# (scripts/sampler_support.py --arrays, docs/how_redi_works.md): at 0.6, euler/normal gives up 7 of 95
+# good retrievals at the KB's seed and 1 of 96 at new seeds, and catches its failure. Not a node input:
+# it follows max_key_distance's switch.
+MAX_LANDING = 0.6
 
 
 @dataclass(frozen=True)
@@ -45,12 +52,18 @@ class ReDiParams:
     max_residual: float = GUARD_DEFAULTS["max_residual"]  # relative least-squares residual
     max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]  # |sum of blend weights - 1|
     max_denoised_distance: float = MAX_DENOISED_DISTANCE  # latent keys: relative ||denoised - blend of neighbours' denoised||
+    max_landing: float = MAX_LANDING  # the finish's first estimate vs the query's estimate at k (landing_disagreements)
+
+    @property
+    def landing_on(self) -> bool:
+        """Whether the finish of jumped items checks where they landed (the guard's switch turns it off too)."""
+        return self.max_key_distance > 0 and self.max_landing > 0
 
     def validate(self, steps: int, kb: KBView | None = None) -> None:
         k, v = self.key_step, self.value_step
         if not 1 <= k < v <= steps:
             raise KBError(f"need 1 <= key step ({k}) < value step ({v}) <= steps ({steps}); lower the key step or raise the value step")
-        for name in ("max_key_distance", "max_residual", "max_weight_deviation", "max_denoised_distance"):
+        for name in ("max_key_distance", "max_residual", "max_weight_deviation", "max_denoised_distance", "max_landing"):
             if getattr(self, name) < 0:
                 raise KBError(f"{name} must be 0 (off) or positive, not {getattr(self, name)}")
         if self.neighbours < 1:
@@ -85,6 +98,7 @@ class ItemReport:
     weights: list[float] = field(default_factory=list)
     residual: float = 0.0
     denoised_distance: float | None = None  # latent keys: relative distance of the denoised estimates at k
+    landing: float | None = None  # the landing check's value, once the finish has evaluated the jump
     reason: str = ""
 
 
@@ -94,6 +108,25 @@ class Retrieval:
     accepted: np.ndarray  # B bools
     reports: list[ItemReport]
     noise_note: str | None = None  # how the schedule's noise levels tightened the guard, for the report
+
+    def hold(self, reason: str) -> None:
+        """Every item sampled in full from the key step, for one reason (an unverified pair)."""
+        self.accepted[:] = False
+        for rep in self.reports:
+            rep.accepted, rep.reason = False, reason
+
+    def reject_landing(self, rows: np.ndarray, values: np.ndarray, params: ReDiParams) -> None:
+        """Items whose jump landed on another picture: the finish restarts them from the key step."""
+        for b, value in zip(rows, values):
+            rep = self.reports[int(b)]
+            rep.accepted, rep.landing = False, float(value)
+            rep.reason = (f"the jump to step {params.value_step} landed on another picture (landing check "
+                          f"{value:.3f} > max {params.max_landing:.2f})")
+            self.accepted[int(b)] = False
+
+    def note_landing(self, rows: np.ndarray, values: np.ndarray) -> None:
+        for b, value in zip(rows, values):
+            self.reports[int(b)].landing = float(value)
 
     def starts(self, state: KeyState, params: ReDiParams):
         """(start step, item indices, their start latents) for the finish phase: accepted items
@@ -181,9 +214,24 @@ def denoised_distance(neighbour_denoised: np.ndarray, weights: np.ndarray, query
     return float(np.linalg.norm(q - pred) / max(float(np.linalg.norm(q)), 1e-12))
 
 
+def landing_disagreements(denoised_after_jump: np.ndarray, query_denoised: np.ndarray) -> np.ndarray:
+    """Per item (B x C x H x W each): 1 - the correlation between the model's denoised estimate on the
+    blended value (the finish's first evaluation, under the query's own conditioning) and the query's
+    denoised estimate at the key step. Near 0 when the jump lands on the picture the query was heading
+    for; large when it lands on another one (an object moved, another background)."""
+    a = denoised_after_jump.reshape(len(denoised_after_jump), -1).astype(np.float64)
+    q = query_denoised.reshape(len(query_denoised), -1).astype(np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    q = q - q.mean(axis=1, keepdims=True)
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(q, axis=1), 1e-12)
+    return 1.0 - (a * q).sum(axis=1) / norms
+
+
 def guard_line(params: ReDiParams) -> str:
     checks = [f"{name} {value:g}" for name, value in (("distance", params.max_key_distance), ("residual", params.max_residual),
                                                       ("|sum w - 1|", params.max_weight_deviation)) if value > 0]
+    if params.landing_on:
+        checks.append(f"landing {params.max_landing:g}")
     return "guard: " + (", ".join(f"max {c}" for c in checks) if checks else "OFF (every item takes its neighbours)")
 
 
@@ -202,5 +250,6 @@ def summary_lines(ret: Retrieval, params: ReDiParams, steps: int) -> list[str]:
         lines.append(head)
         for p, d, w in zip(r.prompts, r.distances, r.weights):
             lines.append(f"    w={w:+.3f} dist={d:.3f}  {p[:80]}")
-        lines.append(f"    residual {r.residual:.3f}" + (f", denoised distance {r.denoised_distance:.3f}" if r.denoised_distance is not None else ""))
+        lines.append(f"    residual {r.residual:.3f}" + (f", denoised distance {r.denoised_distance:.3f}" if r.denoised_distance is not None else "")
+                     + (f", landing {r.landing:.3f}" if r.landing is not None else ""))
     return lines

@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from redi_core.landing import finish_groups  # noqa: E402
 from redi_demo import dataset, demo_models, evaluator, host  # noqa: E402
 from redi_demo.train import init_weights  # noqa: E402
 
@@ -123,11 +124,15 @@ class Bench:
             state = ph.key_phase(key_cond if content_key else cond, latent, noise, SEED, k)
             levels = self.cs.noise_levels_of(m, ph.sigmas, k, v)
             ret = self.retrieve(kb, state, params, float(ph.sigmas[v]), noise=levels if self.noise_guard else None)
-            self.items.extend({"key_ratio": levels.key, "value_ratio": levels.value, "distance": r.distances[0], "accepted": r.accepted,
-                               "reason": r.reason} for r in ret.reports)
             out = torch.zeros(latent.shape)
-            for start, idx, src in ret.starts(state, params):
-                out[idx] = ph.finish(cond, src, start, SEED, rows=idx).float().cpu()
+
+            def finish(start, idx, src, landing):
+                out[idx] = ph.finish(cond, src, start, SEED, rows=idx, landing=landing).float().cpu()
+                return ph.last_finish.landed
+
+            finish_groups(finish, list(ret.starts(state, params)), ret, state, params)  # the guard's landing check too
+            self.items.extend({"key_ratio": levels.key, "value_ratio": levels.value, "distance": r.distances[0], "accepted": r.accepted,
+                               "reason": r.reason, "landing": r.landing} for r in ret.reports)
             return out
 
         return run

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from redi_core.retrieval import landing_disagreements  # noqa: E402
 from redi_demo import dataset, demo_models, evaluator, host  # noqa: E402
 
 SEED, K, V = 1024, 4, 10
@@ -68,7 +69,7 @@ PATCHES = ("none", "zsnr", "rescalecfg1", "apg", "cfgzerostar")
 
 
 class Support:
-    def __init__(self, out: Path, kb_size: int, queries: int, patch: str = "none", model: str = "sd1") -> None:
+    def __init__(self, out: Path, kb_size: int, queries: int, patch: str = "none", model: str = "sd1", prompt_seed: int = 999) -> None:
         host.load_pack()
         self.cs = importlib.import_module("redi_accelerate.comfy_adapter")
         # what no verdict covers yet is what this script measures
@@ -87,8 +88,10 @@ class Support:
         self.model = patched(self.model, patch)
         self.net = evaluator.load()
         self.out = out
+        self.arrays: dict | None = None  # set to {} to keep every item's states (--arrays)
+        self.same_keys = "denoised"  # the key space at the KB's seed: what key_space auto picks (latent: the paper's)
         self.kb_prompts = [s.prompt() for s in dataset.random_samples(kb_size, 12345, styles=("plain",))]
-        self.samples = dataset.random_samples(queries, 999, styles=("plain",))
+        self.samples = dataset.random_samples(queries, prompt_seed, styles=("plain",))
         self.cond = self.kb_nodes.encode_batch(self.clip, [s.prompt() for s in self.samples])
         neg = self.clip.encode_from_tokens(self.clip.tokenize(""), return_pooled=True)
         self.negative = [[neg[0], {"pooled_output": neg[1]}]]
@@ -149,19 +152,26 @@ class Support:
         n = len(self.samples)
         latent = torch.zeros((n, 4, 8, 8))
         items = []
-        for regime, space in (("same", "latent"), ("new", "denoised")):
+        for regime, space in (("same", self.same_keys), ("new", "denoised")):
             seeds = [SEED] * n if regime == "same" else [5000 + i for i in range(n)]
             noise = self.cs.noise_for(latent, seeds)
-            full = self._decode(ph.full(self.cond, latent, noise, seeds[0], item_seeds=seeds).float().cpu())
+            full_latent = ph.full(self.cond, latent, noise, seeds[0], item_seeds=seeds).float().cpu()
+            full = self._decode(full_latent)
             state = ph.key_phase(self.cond, latent, noise, seeds[0], K, item_seeds=seeds)
             sigma_v = float(ph.sigmas[V])
             noise = self.cs.noise_levels_of(self.model, ph.sigmas, K, V)
             off = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, 0.0, 0.0, 0.0), sigma_v)
-            on = self.retrieve(kb, state, self.ReDiParams(K, V, 1, space, **self.guard), sigma_v, noise=noise)
+            on_params = self.ReDiParams(K, V, 1, space, **self.guard)
+            on = self.retrieve(kb, state, on_params, sigma_v, noise=noise)
             all_idx = np.arange(n)
-            redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0]).float().cpu())
+            cap = ph.finish_capture(V)  # the finish's first denoised estimate, on the blend (no extra model call)
+            redi_off = self._decode(ph.finish(self.cond, off.x_v, V, seeds[0], record=cap).float().cpu())
+            after_jump = cap.ds[V].numpy()
             redi_on = redi_off.copy()
-            rej = np.flatnonzero(~on.accepted)
+            # the guard's landing check, as the nodes' finish makes it (the blend is the guard-off one: H=1, same neighbour)
+            landing = landing_disagreements(after_jump, state.denoised)
+            lands = landing <= on_params.max_landing if on_params.landing_on else np.ones(n, dtype=bool)
+            rej = np.flatnonzero(~(on.accepted & lands))
             if len(rej):
                 lat = ph.finish(self.cond, state.x[rej], K, seeds[0], rows=rej)
                 redi_on[rej] = self._decode(lat.float().cpu())
@@ -173,7 +183,10 @@ class Support:
                 items.append({"sampler": sampler, "scheduler": scheduler, "regime": regime, "distance": r.distances[0],
                               "residual": r.residual, "weight_dev": abs(float(np.sum(r.weights)) - 1.0),
                               "denoised_distance": r.denoised_distance, "psnr": float(p_off[b]), "accepted": bool(on.accepted[b]),
-                              "psnr_guard_on": float(p_on[b])})
+                              "psnr_guard_on": float(p_on[b]), "landing": float(landing[b]), "lands": bool(lands[b])})
+            if self.arrays is not None:  # every item's states, for studying per-image predictors offline
+                self.arrays[regime] = {"after_jump": after_jump, "query_denoised": state.denoised, "key": state.x, "blend": off.x_v,
+                                       "full": full_latent.numpy(), "psnr": p_off, "accepted": on.accepted & lands}
             row[regime] = {"psnr": float(np.mean(p_on)), "psnr_guard_off": float(np.mean(p_off)), "acc_full": acc["full"],
                            "below15": int((p_on < FAIL_DB).sum()), "below15_guard_off": int((p_off < FAIL_DB).sum()),
                            "acc_redi": acc["redi"], "acc_redi_guard_off": acc["redi_off"], "rejected": len(rej), "n": n}
@@ -213,7 +226,8 @@ def verdict(row: dict) -> str:
 
 def why(row: dict) -> str:
     """The first way a failing pair missed the tolerance, for the refusal message."""
-    for r, label in (("same", "at the KB's seed"), ("new", "at new seeds")):
+    kb = f" with a {row['kb_size']:,}-entry KB" if "kb_size" in row else ""
+    for r, label in (("same", f"at the KB's seed{kb}"), ("new", f"at new seeds{kb}")):
         m = row[r]
         if m["psnr"] < PSNR_MIN:
             return f"{m['psnr']:.1f} dB from the full run {label}"
@@ -248,6 +262,82 @@ def write_verdicts(rows: list[dict], path: Path, kind: str = "eps", made_by: str
     section["works"] = {k: sorted(set(v)) for k, v in sorted(works.items()) if v}
     if made_by:
         section["made_by"] = made_by
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# The per-image bar a pair must pass to be served (comfy_adapter.samplers.unverified_reason): held-out query
+# prompts (not the ones the guard was calibrated on), 96 queries per regime with a 16-entry KB and 48 per
+# regime (96 items) with a 1,000-entry KB, and at most 1% of the images under 15 dB in every run.
+VERIFY_RUNS = ((16, 96), (1000, 48))
+VERIFY_PROMPT_SEED = 777
+
+
+def verify(args) -> None:
+    """Measure each pair under the per-image bar (cached in out/verifyKB[-model]/pairs), print and write
+    docs/sampler_verification[_model].md, and with --write-verdicts record the verified pairs and the failing ones."""
+    suffix = "" if args.model == "sd1" else f"-{args.model}"
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    pairs = [tuple(p.split("/")) for p in args.pairs.split(",") if p]
+    for kb_size, queries in VERIFY_RUNS:
+        out = ROOT / "out" / f"verify{kb_size}{suffix}"
+        (out / "pairs").mkdir(parents=True, exist_ok=True)
+        sup = Support(out, kb_size, queries, "none", args.model, VERIFY_PROMPT_SEED)
+        for s, sch in pairs or [tuple(f.stem.split("__")) for f in sorted((out / "pairs").glob("*.json"))]:
+            f = out / "pairs" / f"{s}__{sch}.json"
+            if not f.is_file():
+                row = sup.pair(s, sch, measure_refused=True)
+                f.write_text(json.dumps(row))
+                print(f"KB {kb_size:5d} {s:20s} {sch:14s} {row.get('measured', row['verdict']):6s} same {cell(row, 'same'):34s} "
+                      f"new {cell(row, 'new'):34s} ({row['seconds']:.0f}s)", flush=True)
+            row = json.loads(f.read_text())
+            row["verdict"] = verdict(row)  # today's tolerance
+            row["kb_size"] = kb_size
+            by_pair.setdefault((s, sch), []).append(row)
+    complete = {p: rows for p, rows in by_pair.items() if len(rows) == len(VERIFY_RUNS)}
+    verified = sorted(p for p, rows in complete.items() if all(r["verdict"] == "works" for r in rows))
+    items = [i for rows in complete.values() for r in rows for i in r.get("items", [])]
+    lines = ["| sampler | scheduler | KB 16: KB's seed | KB 16: new seeds | KB 1,000: KB's seed | KB 1,000: new seeds | verified |",
+             "|---|---|---|---|---|---|---|"]
+    for (s, sch), rows in sorted(complete.items()):
+        cells = " | ".join(f"{cell(r, 'same')} | {cell(r, 'new')}" for r in sorted(rows, key=lambda r: r["kb_size"]))
+        lines.append(f"| {s} | {sch} | {cells} | {'yes' if (s, sch) in verified else 'no: ' + why(next(r for r in rows if r['verdict'] != 'works'))} |")
+    demo = demo_models.MODELS[args.model]
+    md = (f"# ReDi per-image verification{' on ' + demo.title if suffix else ''}\n\n"
+          f"Made by `.venv/bin/python scripts/sampler_support.py --verify --pairs ...{' --model ' + args.model if suffix else ''}` on "
+          f"{platform.machine()} ({platform.processor() or 'CPU'}), {demo.title}, k={K}, v={V}, H=1, {demo.steps} steps, cfg {demo.cfg:g}, "
+          f"the guard at its defaults (landing check included). Query prompts from seed {VERIFY_PROMPT_SEED} (held out: the guard "
+          f"was calibrated on seed 999 and 4242). Per run: "
+          + ", ".join(f"a {kb}-entry KB with {q} queries per regime" for kb, q in VERIFY_RUNS)
+          + ". A pair is verified when every run keeps mean PSNR >= 20 dB, accuracy within 2 points of the full run and at most "
+          f"1% of its images under {FAIL_DB:g} dB in both regimes. Cells: mean PSNR to the full run, accuracy ReDi vs full (%), "
+          "images under 15 dB, items the guard sampled in full.\n\n" + "\n".join(lines)
+          + "\n\n## Guard statistics of these runs (guard off)\n\n" + calibration(items) + "\n")
+    table = ROOT / "docs" / f"sampler_verification{'_' + args.model if suffix else ''}.md"
+    table.write_text(md)
+    print("\n".join(lines) + f"\n\nwrote {table.relative_to(ROOT)}")
+    if args.write_verdicts:
+        kind = "flow" if args.model == "dit" else "eps"
+        failing = [next(r for r in rows if r["verdict"] != "works") for p, rows in complete.items() if p not in verified]
+        path = ROOT / "comfy_adapter" / "sampler_verdicts.json"
+        write_verdicts(failing, path, kind)
+        write_verified(verified, path, kind, "docs/" + table.name)
+        print(f"wrote comfy_adapter/sampler_verdicts.json: {len(verified)} verified, {len(failing)} refused")
+
+
+def write_verified(pairs: list[tuple[str, str]], path: Path, kind: str, where: str) -> None:
+    """The pairs that passed the per-image bar, in the verdicts file's "verified" table (added to the ones there)."""
+    data = json.loads(path.read_text())
+    section = data if kind == "eps" else data.setdefault("flow", {})
+    verified: dict[str, set] = {k: set(v) for k, v in section.get("verified", {}).items()}
+    for s, sch in pairs:
+        verified.setdefault(sch, set()).add(s)
+    failing = {(s, k) for s, per in section.get("fails", {}).items() for k in per}
+    section["verified"] = {k: sorted(s for s in v if (s, k) not in failing) for k, v in sorted(verified.items())}
+    works = section.setdefault("works", {})
+    for k, v in section["verified"].items():  # verified is stricter than works
+        works[k] = sorted(set(works.get(k, [])) | set(v))
+    section["verified_by"] = (f"scripts/sampler_support.py --verify (per image: at most 1% under {FAIL_DB:g} dB; "
+                              + ", ".join(f"KB {kb} x {q} queries per regime" for kb, q in VERIFY_RUNS) + f"; {where})")
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -339,6 +429,18 @@ def calibration(items: list[dict]) -> str:
                     q = np.quantile(v, [0, 0.1, 0.5, 0.9, 1.0])
                     lines.append(f"| {stat} | {name} ({len(v)}) | " + " | ".join(f"{x:.3f}" for x in q) + " |")
         lines.append("")
+    landed = [i for i in items if i.get("landing") is not None]
+    if landed:
+        lines += [f"landing check (the finish's first estimate vs the query's at k; 1 - correlation), guard off, under {FAIL_DB:g} dB = failed:", "",
+                  "| regime | max landing | good given up | failed caught |", "|---|---|---|---|"]
+        for regime in ("same", "new"):
+            good = [i for i in landed if i["regime"] == regime and i["psnr"] >= FAIL_DB]
+            bad = [i for i in landed if i["regime"] == regime and i["psnr"] < FAIL_DB]
+            for t in (0.4, 0.5, 0.6, 0.7, 0.8):
+                gu = sum(i["landing"] > t for i in good)
+                fc = sum(i["landing"] > t for i in bad)
+                lines.append(f"| {regime} | {t:g} | {gu} of {len(good)} | {fc} of {len(bad)} |")
+        lines.append("")
     latent = [i for i in items if i.get("denoised_distance") is not None]
     if latent:
         good = [i for i in latent if i["psnr"] >= FAIL_DB]
@@ -362,10 +464,17 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "docs" / "sampler_support.md"))
     ap.add_argument("--calibrate", action="store_true", help="print the guard statistics of every measured item")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prompt-seed", type=int, default=999, help="seed of the query prompts (another one: a held-out set)")
     ap.add_argument("--model", choices=list(demo_models.MODELS), default="sd1",
                     help="the demo model (dit: the Flux DiT; its pairs go to OUT-dit and its table to docs/sampler_support_dit.md)")
     ap.add_argument("--patch", choices=PATCHES, default="none", help="build and query with this model patch (pairs go to OUT/pairs-PATCH)")
     ap.add_argument("--measure-refused", action="store_true", help="measure pairs the pack refuses too")
+    ap.add_argument("--arrays", action="store_true", help="also keep every item's states in OUT/arrays/ (predictor studies)")
+    ap.add_argument("--same-keys", choices=("latent", "denoised"), default="denoised",
+                    help="the key space of the queries at the KB's seed (denoised: what key_space auto picks; latent: the paper's)")
+    ap.add_argument("--verify", action="store_true",
+                    help="the per-image bar for --pairs (held-out prompts, a 16- and a 1,000-entry KB; docs/sampler_verification.md)")
+    ap.add_argument("--pairs", default="", help="with --verify: sampler/scheduler,... (empty: the pairs already measured)")
     ap.add_argument("--no-measure", action="store_true", help="only rebuild the table (and verdicts) from OUT/pairs")
     ap.add_argument("--write-verdicts", action="store_true", help="write the failing pairs to comfy_adapter/sampler_verdicts.json (the pack refuses them)")
     ap.add_argument("--restart", action="store_true",
@@ -376,9 +485,12 @@ def main() -> None:
     if args.model != "sd1":
         args.out += f"-{args.model}"
         args.table = args.table.replace(".md", f"_{args.model}.md")
+    if args.verify:
+        return verify(args)
     out = Path(args.out) if args.patch == "none" else Path(args.out) / f"patch-{args.patch}"
     (out / "pairs").mkdir(parents=True, exist_ok=True)
-    sup = Support(out, args.kb_size, args.queries, args.patch, args.model)
+    sup = Support(out, args.kb_size, args.queries, args.patch, args.model, args.prompt_seed)
+    sup.same_keys = args.same_keys
     import comfy.samplers as cs
 
     all_samplers, all_schedulers = list(cs.KSampler.SAMPLERS), list(cs.KSampler.SCHEDULERS)
@@ -397,7 +509,13 @@ def main() -> None:
             f = out / "pairs" / f"{s}__{sch}.json"
             if f.is_file() and not (json.loads(f.read_text())["verdict"] == "refused" and sup.refusal(s, sch) is None):
                 continue
+            if args.arrays:
+                sup.arrays = {}
             row = sup.pair(s, sch, args.measure_refused)
+            if args.arrays and sup.arrays:
+                (out / "arrays").mkdir(exist_ok=True)
+                np.savez_compressed(out / "arrays" / f"{s}__{sch}.npz",
+                                    **{f"{regime}_{name}": a for regime, d in sup.arrays.items() for name, a in d.items()})
             f.write_text(json.dumps(row))
             if row["verdict"] == "refused" and "same" not in row:
                 print(f"{s:28s} refused: {row['message'][:90]}", flush=True)

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from redi_demo import workflows
+from redi_demo import dataset, workflows
+
+from .verdict_file import unverified_working_pair, verified
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +115,10 @@ def test_redi_with_other_samplers_and_cfg_one(server, sampler, cfg, calls_per_st
     calls = [ln for ln in _report(entry) if ln.startswith("UNet calls:")][0]
     k, v = workflows.REDI_OPTS["key_step"], workflows.REDI_OPTS["value_step"]
     # heun evaluates twice per step except the last step of each phase (which ends at sigma 0 only in the finish)
-    expected = {1: k + workflows.STEPS - v, 2: 2 * k + 2 * (workflows.STEPS - v) - 1}[calls_per_step]
+    if verified(sampler, workflows.SCHEDULER):
+        expected = {1: k + workflows.STEPS - v, 2: 2 * k + 2 * (workflows.STEPS - v) - 1}[calls_per_step]
+    else:  # not verified per image: sampled in full (the key phase, then the finish from k)
+        expected = {1: workflows.STEPS, 2: 2 * k + 2 * (workflows.STEPS - k) - 1}[calls_per_step]
     assert int(calls.split()[2]) == expected, calls
 
 
@@ -143,3 +148,34 @@ def test_reports_name_the_kb_not_a_server_path(server, built):
     assert str(server.kb_dir) not in text and "/models/" not in text, text
     assert "negative prompt: empty" in text and "model " in text and "sampling: " in text, text  # the demo KB's negative is ""
 
+
+
+def test_a_jump_that_lands_on_another_picture_restarts_from_the_key_step(server):
+    """The guard's landing check: with latent keys at the KB's seed (the paper's setting, where the shared
+    noise dominates the key), this query's nearest trajectory is close in key distance but the finish's
+    first estimate shows another picture (measured: 0.93 against a limit of 0.6, scripts/sampler_support.py
+    --arrays), so it restarts from step k at the cost of the one wasted call, and the report says why."""
+    prompts = [s.prompt() for s in dataset.random_samples(16, 12345, styles=("plain",))]
+    query = dataset.random_samples(96, 999, styles=("plain",))[81].prompt()
+    g = workflows.redi_ksampler(prompt=query, seed=1024, prompts="\n".join(prompts))
+    g["6"]["inputs"].update({"kb_name": "landing16", "batch_size": 16, "stored_steps": "4,10"})
+    g["7"]["inputs"]["key_space"] = "latent"
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    lines = _report(entry)
+    assert any("full sampling from step 4, guard: the jump to step 10 landed on another picture" in ln for ln in lines), lines
+    calls = [ln for ln in lines if ln.startswith("UNet calls:")][0]
+    assert int(calls.split()[2]) == workflows.STEPS + 1, calls  # the wasted first call of the finish from v
+
+
+def test_a_pair_not_verified_per_image_is_sampled_in_full_with_the_reason(server):
+    sampler, scheduler = unverified_working_pair()
+    g = workflows.redi_ksampler(prompts=workflows.kb_prompts(4, seed=5))
+    g["6"]["inputs"].update({"sampler_name": sampler, "scheduler": scheduler, "kb_name": f"unverified_{sampler}_{scheduler}"})
+    g["7"]["inputs"].update({"sampler_name": sampler, "scheduler": scheduler})
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", server.error_of(entry)
+    lines = _report(entry)
+    assert lines[0].startswith(f"ReDi: {sampler} with the {scheduler} scheduler is not verified per image"), lines
+    assert "verified:" in lines[0] and not any("skipped" in ln for ln in lines), lines
+    assert any(ln.startswith("[0] full sampling from step 4") for ln in lines), lines

@@ -37,3 +37,31 @@ def test_a_failed_image_fails_the_pair(support):
     assert support.verdict(row) == "works"
     row["new"]["below15"] = 1  # 1 of 24 images under 15 dB: over the 1% the per-image criterion allows
     assert support.verdict(row) == "FAILS" and "1 of 24 images under 15 dB" in support.why(row)
+
+
+def test_verified_pairs_are_added_and_a_failing_one_is_not_verified(support, tmp_path):
+    path = tmp_path / "sampler_verdicts.json"
+    path.write_text(json.dumps({"fails": {"dpmpp_2m": {"normal": "old"}}, "works": {"normal": ["euler", "heun"]},
+                                "verified": {"karras": ["euler"]}}))
+    support.write_verified([("euler", "normal"), ("dpmpp_2m", "normal")], path, "eps", "docs/x.md")
+    data = json.loads(path.read_text())
+    assert data["verified"] == {"karras": ["euler"], "normal": ["euler"]}  # a refused pair is never verified
+    assert "at most 1% under 15 dB" in data["verified_by"] and "KB 1000" in data["verified_by"]
+
+
+def test_a_failure_found_by_the_bar_names_the_kb_size(support):
+    row = {**_row("euler", "normal", 0.97), "kb_size": 1000}
+    row["same"]["below15"] = 1
+    assert support.why(row) == "1 of 24 images under 15 dB to their full run at the KB's seed with a 1,000-entry KB"
+
+
+def test_the_shipped_file_verifies_only_pairs_that_work():
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parents[2] / "comfy_adapter" / "sampler_verdicts.json").read_text())
+    for table in (data, data["flow"]):
+        assert table["verified"], "no verified pair: ReDi would sample every image in full"
+        for scheduler, samplers in table["verified"].items():
+            for s in samplers:
+                assert scheduler not in table["fails"].get(s, {}) and "*" not in table["fails"].get(s, {}), (s, scheduler)
+        assert "--verify" in table["verified_by"]
