@@ -10,6 +10,13 @@ from ..redi_core.retrieval import GUARD_DEFAULTS, ReDiParams, signatures_match
 from . import identity, patches, samplers
 
 KEY_SPACE_OPTIONS = ["auto", "latent", "denoised"]
+# what key_space auto uses for a query at the KB's fixed seed, per model kind: the key space verified per
+# image there (docs/sampler_verification.md, _dit.md). SD1.x: latent keys left 1-4 of 96 images under 15 dB
+# on a 16-entry KB where denoised keys left none; the DiT: denoised keys left 1 (14.5 dB) where latent keys
+# left none. At any other seed auto uses denoised keys.
+AUTO_AT_KB_SEED = {"eps": "denoised", "flow": "latent"}
+
+
 def check_query(kb: KnowledgeBase, model, latent_shape: tuple[int, ...], steps: int, cfg: float, sampler: str,
                 scheduler: str | None, negative=None) -> list[str]:
     """Raise KBError listing every mismatch with its fix; returns notes for the report (fields an
@@ -81,12 +88,12 @@ def _diff(ours: str, theirs: str) -> str:
 
 
 def resolve_params(kb: KnowledgeBase, key_step: int, value_step: int, neighbours: int, key_space: str,
-                   max_key_distance: float, max_residual: float,
+                   max_key_distance: float, max_residual: float, seed: int, batch: int, model,
                    max_weight_deviation: float = GUARD_DEFAULTS["max_weight_deviation"]) -> ReDiParams:
     if key_space == "auto":
-        # denoised keys at every seed, the KB's own included: per image, latent keys at the KB's seed put 1-4 of 96
-        # images under 15 dB on a 16-entry KB where denoised keys put none (docs/sampler_verification.md)
-        key_space = "denoised"
+        fp = kb.fingerprint
+        at_kb_seed = fp.seed_mode == "fixed" and seed == fp.seed and batch == 1
+        key_space = AUTO_AT_KB_SEED[samplers.model_kind(model)] if at_kb_seed else "denoised"
     params = ReDiParams(key_step, value_step, neighbours, key_space, max_key_distance, max_residual, max_weight_deviation)
     params.validate(kb.fingerprint.steps, kb)
     return params

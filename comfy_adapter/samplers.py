@@ -121,8 +121,11 @@ def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> s
                 f"{on}; the tolerance is 2 points); use {WORKING_EXAMPLES}")
     if scheduler is not None and scheduler in fails:
         known = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # the familiar ones first
-        works = sorted((s for s in table["works"].get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
-        use = f"use {', '.join(works)} with it, or another scheduler" if works else f"use another scheduler, or {WORKING_EXAMPLES}"
+        verified = table.get("verified", {})
+        works = sorted((s for s in verified.get(scheduler, []) if s != sampler), key=lambda s: (s not in known, s))[:5]
+        others = [f"{s}/{k}" for k, per in sorted(verified.items()) for s in per if k != scheduler][:4]
+        use = (f"use {', '.join(works)} with it, or another scheduler" if works else
+               f"use another scheduler ({', '.join(others)} are verified)" if others else f"use another scheduler, or {WORKING_EXAMPLES}")
         return (f"sampler {sampler!r} with the {scheduler} scheduler does not work with ReDi within tolerance ({fails[scheduler]}, "
                 f"measured on {on}; the tolerance is 20 dB, 2 points of accuracy and at most 1% of images under 15 dB); {use}")
     if deciding == "flow":  # measured on a flow model: that verdict is the whole answer
@@ -132,7 +135,7 @@ def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> s
         use = ", ".join(w for w in ("euler", "euler_ancestral", "heun", "dpmpp_2m") if w in works) or WORKING_EXAMPLES
         what = f"sampler {sampler!r}" + (f" with the {scheduler} scheduler" if scheduler is not None else "")
         if scheduler is not None and not works and measured(sampler):  # a scheduler no verdict covers
-            what, use = f"the {scheduler} scheduler", f"the normal or karras scheduler with {WORKING_EXAMPLES}"
+            what, use = f"the {scheduler} scheduler", f"the normal or simple scheduler with {WORKING_EXAMPLES}"
         return (f"{what} has not been measured with ReDi (this ComfyUI is newer than the pack's verdicts), so ReDi does not "
                 f"use it yet; use {use}, or measure it with scripts/sampler_support.py --write-verdicts")
     return None

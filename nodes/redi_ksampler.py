@@ -28,7 +28,7 @@ def redi_inputs(kb_optional: bool = False) -> list:
         io.Int.Input("key_step", default=4, min=1, max=1000, tooltip="Steps sampled before retrieval (k). Later keys match more precisely but skip less. Must be a stored step of the KB."),
         io.Int.Input("value_step", default=10, min=2, max=1000, tooltip="Step the blended neighbours jump to (v > k). Steps k..v are skipped: more skipping is faster and drifts further from the full result. Must be a stored step. Where the scheduler leaves little noise at v (e.g. karras or exponential at 20 steps, v=10), the guard uses only close neighbours and samples the rest in full (the report says so)."),
         io.Int.Input("neighbours", default=1, min=1, max=64, tooltip="Neighbours H blended with least-squares weights. 1 rescales the nearest trajectory (the authors' setting)."),
-        io.Combo.Input("key_space", options=kb_match.KEY_SPACE_OPTIONS, default="auto", tooltip="denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed; verified per image). latent: match noisy latents (the paper's setting; needs the KB's seed, and at that seed a sparse KB put 1-4 of 96 images under 15 dB, so it is not the default). auto: denoised."),
+        io.Combo.Input("key_space", options=kb_match.KEY_SPACE_OPTIONS, default="auto", tooltip="denoised: match the model's denoised estimates and re-noise with this seed's own noise (any seed). latent: match noisy latents (the paper's setting; needs the KB's seed). auto: the space verified per image: denoised, except at the KB's own seed on a flow model (Flux, SD3), where latent keys measured better (docs/how_redi_works.md)."),
         io.Float.Input("max_key_distance", default=GUARD_DEFAULTS["max_key_distance"], min=0.0, max=10.0, step=0.01,
                        tooltip="Quality guard: when the nearest key is farther than this (relative to the query's norm), the item is sampled in full from the key step instead, and the report says so. The default is calibrated on the demo model (docs/how_redi_works.md); 0 turns the guard's distance checks off, the noise-level check included."),
         io.Float.Input("max_residual", default=GUARD_DEFAULTS["max_residual"], min=0.0, max=10.0, step=0.01,
@@ -116,8 +116,8 @@ class ReDiKSampler(io.ComfyNode):
         key_positive = content_positive if content_positive is not None else positive
         hold = comfy_adapter.unverified_reason(sampler_name, scheduler, model)  # a pair not verified per image: all in full
         if speed == adaptive.FIXED:
-            params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual,
-                                             max_weight_deviation)
+            params = kb_match.resolve_params(kb, key_step, value_step, neighbours, key_space, max_key_distance, max_residual, seed,
+                                             latent.shape[0], model, max_weight_deviation)
             state = phases.key_phase(key_positive, latent, noise, seed, params.key_step)
             key_calls = counter.calls
             ret = retrieve(kb, state, params, sigma_v=float(phases.sigmas[params.value_step]),

@@ -81,7 +81,8 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         if self.speed != adaptive.FIXED:
             return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
                                          kb, None, self.speed, notes)
-        params = kb_match.resolve_params(kb, *self.opts[:6], self.max_weight_deviation)
+        params = kb_match.resolve_params(kb, *self.opts[:6], extra_args.get("seed", -1), noise.shape[0], patcher,
+                                         self.max_weight_deviation)
         k, v = params.key_step, params.value_step
         x_k, key, plan = self._key_phase(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar, k)
         state = comfy_adapter.key_state(key, k, sigmas)

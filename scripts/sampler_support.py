@@ -89,7 +89,8 @@ class Support:
         self.net = evaluator.load()
         self.out = out
         self.arrays: dict | None = None  # set to {} to keep every item's states (--arrays)
-        self.same_keys = "denoised"  # the key space at the KB's seed: what key_space auto picks (latent: the paper's)
+        # the key space at the KB's seed: what key_space auto picks there for this model's kind
+        self.same_keys = importlib.import_module("redi_accelerate.comfy_adapter.kb_match").AUTO_AT_KB_SEED[self.cs.samplers.model_kind(self.model)]
         self.kb_prompts = [s.prompt() for s in dataset.random_samples(kb_size, 12345, styles=("plain",))]
         self.samples = dataset.random_samples(queries, prompt_seed, styles=("plain",))
         self.cond = self.kb_nodes.encode_batch(self.clip, [s.prompt() for s in self.samples])
@@ -470,8 +471,8 @@ def main() -> None:
     ap.add_argument("--patch", choices=PATCHES, default="none", help="build and query with this model patch (pairs go to OUT/pairs-PATCH)")
     ap.add_argument("--measure-refused", action="store_true", help="measure pairs the pack refuses too")
     ap.add_argument("--arrays", action="store_true", help="also keep every item's states in OUT/arrays/ (predictor studies)")
-    ap.add_argument("--same-keys", choices=("latent", "denoised"), default="denoised",
-                    help="the key space of the queries at the KB's seed (denoised: what key_space auto picks; latent: the paper's)")
+    ap.add_argument("--same-keys", choices=("latent", "denoised"), default="",
+                    help="the key space of the queries at the KB's seed (default: what key_space auto picks for the model)")
     ap.add_argument("--verify", action="store_true",
                     help="the per-image bar for --pairs (held-out prompts, a 16- and a 1,000-entry KB; docs/sampler_verification.md)")
     ap.add_argument("--pairs", default="", help="with --verify: sampler/scheduler,... (empty: the pairs already measured)")
@@ -490,7 +491,7 @@ def main() -> None:
     out = Path(args.out) if args.patch == "none" else Path(args.out) / f"patch-{args.patch}"
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     sup = Support(out, args.kb_size, args.queries, args.patch, args.model, args.prompt_seed)
-    sup.same_keys = args.same_keys
+    sup.same_keys = args.same_keys or sup.same_keys
     import comfy.samplers as cs
 
     all_samplers, all_schedulers = list(cs.KSampler.SAMPLERS), list(cs.KSampler.SCHEDULERS)
@@ -555,7 +556,9 @@ def main() -> None:
         guard = ("\n\n## Guard statistics (guard off)" + earlier.rstrip() + "\n\n## Guard statistics of the latest run (guard off)\n\n"
                  + calibration(items) + "\n")
     wide = {s: m for s in all_samplers if (m := sup.refusal(s, ""))}
-    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n## Per sampler\n\n"
+    served = ("A pair this grid calls works is served (steps skipped) only once it passed the per-image bar of "
+              "`--verify`: [sampler_verification.md](sampler_verification.md) (DiT: [sampler_verification_dit.md](sampler_verification_dit.md)); the others are sampled in full, and the report says why.")
+    md = ("# ReDi sampler and scheduler support\n\n" + head + "\n\n" + served + "\n\n## Per sampler\n\n"
           + summary(rows, all_samplers, all_schedulers, wide, previous)
           + "\n\n## Every pair\n\n" + table(rows, all_samplers, all_schedulers, wide, previous) + guard)
     table_path.write_text(md)

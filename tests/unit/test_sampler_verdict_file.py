@@ -65,3 +65,26 @@ def test_the_shipped_file_verifies_only_pairs_that_work():
             for s in samplers:
                 assert scheduler not in table["fails"].get(s, {}) and "*" not in table["fails"].get(s, {}), (s, scheduler)
         assert "--verify" in table["verified_by"]
+
+
+def test_every_template_uses_a_verified_pair():
+    """The example workflows must skip steps as they open (a pair ReDi serves), on the model they load."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = json.loads((root / "comfy_adapter" / "sampler_verdicts.json").read_text())
+    redi = {"ReDiKSampler", "ReDiKBBuilder", "ReDiSampler", "KSampler", "BasicScheduler"}
+    checked = 0
+    for path in sorted((root / "example_workflows").glob("*.json")):
+        graph = json.loads(path.read_text())
+        table = data["flow"] if "DiT" in path.name else data
+        names = [w for n in graph["nodes"] if n["type"] in redi for w in n.get("widgets_values") or [] if isinstance(w, str)]
+        samplers = {w for w in names if w in {s for per in table["works"].values() for s in per}}
+        schedulers = {w for w in names if w in table["works"]}
+        if not any(n["type"].startswith("ReDi") and "Sampler" in n["type"] for n in graph["nodes"]):
+            continue
+        for s in samplers:
+            for k in schedulers:
+                assert s in table["verified"].get(k, []), f"{path.name}: {s}/{k} is not verified per image"
+                checked += 1
+    assert checked >= 5
