@@ -48,7 +48,7 @@ RESTART_FAILS = {
     "dpmpp_2m_sde_heun": "as dpmpp_2m_sde", "dpmpp_2m_sde_heun_gpu": "as dpmpp_2m_sde",
     "dpmpp_3m_sde": "10.1 dB", "dpmpp_3m_sde_gpu": "as dpmpp_3m_sde", "lms": "12.3 dB",
 }
-WORKING_EXAMPLES = "euler, euler_ancestral, heun or dpmpp_2m"
+WORKING_EXAMPLES = "euler, euler_ancestral or heun (with the normal scheduler)"
 # sampler x scheduler pairs whose ReDi images missed the tolerance through a KB, written by
 # `scripts/sampler_support.py` (docs/sampler_support.md): {"fails": {sampler: {scheduler or "*": why}},
 # "works": {scheduler: [samplers]}}, measured on the SD1.x (epsilon) demo model, and under "flow" the
@@ -135,7 +135,7 @@ def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> s
         use = ", ".join(w for w in ("euler", "euler_ancestral", "heun", "dpmpp_2m") if w in works) or WORKING_EXAMPLES
         what = f"sampler {sampler!r}" + (f" with the {scheduler} scheduler" if scheduler is not None else "")
         if scheduler is not None and not works and measured(sampler):  # a scheduler no verdict covers
-            what, use = f"the {scheduler} scheduler", f"the normal or simple scheduler with {WORKING_EXAMPLES}"
+            what, use = f"the {scheduler} scheduler", "the normal scheduler with euler, euler_ancestral or heun"
         return (f"{what} has not been measured with ReDi (this ComfyUI is newer than the pack's verdicts), so ReDi does not "
                 f"use it yet; use {use}, or measure it with scripts/sampler_support.py --write-verdicts")
     return None

@@ -103,19 +103,20 @@ def test_feature_reuse_runs_and_differs_from_full(server):
     assert "[ReDi FeatureReuse]" in server.log()
 
 
-@pytest.mark.parametrize(("sampler", "cfg", "calls_per_step"), [("euler_ancestral", 6.0, 1), ("dpmpp_2m", 6.0, 1), ("heun", 6.0, 2), ("euler", 1.0, 1)])
-def test_redi_with_other_samplers_and_cfg_one(server, sampler, cfg, calls_per_step):
+@pytest.mark.parametrize(("sampler", "scheduler", "cfg", "calls_per_step"), [
+    ("euler_ancestral", "normal", 6.0, 1), ("dpmpp_2m", "simple", 6.0, 1), ("heun", "normal", 6.0, 2), ("euler", "normal", 1.0, 1)])
+def test_redi_with_other_samplers_and_cfg_one(server, sampler, scheduler, cfg, calls_per_step):
     prompts = workflows.kb_prompts(12, seed=3)
     g = workflows.redi_ksampler(prompts=prompts)
-    name = f"kb_{sampler}_{str(cfg).replace('.', '_')}"
-    g["6"]["inputs"].update({"sampler_name": sampler, "cfg": cfg, "kb_name": name})
-    g["7"]["inputs"].update({"sampler_name": sampler, "cfg": cfg})
+    name = f"kb_{sampler}_{scheduler}_{str(cfg).replace('.', '_')}"
+    g["6"]["inputs"].update({"sampler_name": sampler, "scheduler": scheduler, "cfg": cfg, "kb_name": name})
+    g["7"]["inputs"].update({"sampler_name": sampler, "scheduler": scheduler, "cfg": cfg})
     entry = server.run(g)
     assert entry["status"]["status_str"] == "success", server.error_of(entry)
     calls = [ln for ln in _report(entry) if ln.startswith("UNet calls:")][0]
     k, v = workflows.REDI_OPTS["key_step"], workflows.REDI_OPTS["value_step"]
     # heun evaluates twice per step except the last step of each phase (which ends at sigma 0 only in the finish)
-    if verified(sampler, workflows.SCHEDULER):
+    if verified(sampler, scheduler):
         expected = {1: k + workflows.STEPS - v, 2: 2 * k + 2 * (workflows.STEPS - v) - 1}[calls_per_step]
     else:  # not verified per image: sampled in full (the key phase, then the finish from k)
         expected = {1: workflows.STEPS, 2: 2 * k + 2 * (workflows.STEPS - k) - 1}[calls_per_step]

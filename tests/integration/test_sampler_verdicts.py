@@ -105,8 +105,9 @@ def test_flow_verdicts_decide_for_flow_models(pack, models, monkeypatch):
     KBError = importlib.import_module("redi_accelerate.kb_tools.errors").KBError
     sd1, dit = models
     assert (samplers.model_kind(sd1), samplers.model_kind(dit)) == ("eps", "flow")
-    eps = {"fails": {"euler": {"normal": "eps says no"}}, "works": {"normal": ["heun"], "beta": ["euler", "heun"]}}
-    flow = {"fails": {"euler": {"beta": "flow says no"}}, "works": {"normal": ["euler", "heun"], "beta": ["heun"]}}
+    eps = {"fails": {"euler": {"normal": "eps says no"}}, "works": {"normal": ["heun"], "beta": ["euler", "heun"]}, "verified": {}}
+    flow = {"fails": {"euler": {"beta": "flow says no"}}, "works": {"normal": ["euler", "heun"], "beta": ["heun"]},
+            "verified": {"beta": ["heun"]}}  # a refusal names the verified samplers of that scheduler
     monkeypatch.setattr(samplers, "VERDICTS", {"eps": eps, "flow": flow})
     with pytest.raises(KBError, match="flow says no, measured on the Flux DiT demo model.*use heun with it"):
         pack.check_sampler("euler", "beta", dit)

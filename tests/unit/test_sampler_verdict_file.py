@@ -41,11 +41,14 @@ def test_a_failed_image_fails_the_pair(support):
 
 def test_verified_pairs_are_added_and_a_failing_one_is_not_verified(support, tmp_path):
     path = tmp_path / "sampler_verdicts.json"
-    path.write_text(json.dumps({"fails": {"dpmpp_2m": {"normal": "old"}}, "works": {"normal": ["euler", "heun"]},
-                                "verified": {"karras": ["euler"]}}))
-    support.write_verified([("euler", "normal"), ("dpmpp_2m", "normal")], path, "eps", "docs/x.md")
+    path.write_text(json.dumps({"fails": {"dpmpp_2m": {"normal": "old", "beta": "old"}, "lms": {"*": "no"}},
+                                "works": {"normal": ["euler", "heun"]}, "verified": {"karras": ["euler"]}}))
+    support.write_verified([("euler", "normal"), ("dpmpp_2m", "normal"), ("lms", "normal")], path, "eps", "docs/x.md")
     data = json.loads(path.read_text())
-    assert data["verified"] == {"karras": ["euler"], "normal": ["euler"]}  # a refused pair is never verified
+    # the bar's measurement supersedes an older per-pair failure; a sampler refused outright stays refused
+    assert data["verified"] == {"karras": ["euler"], "normal": ["dpmpp_2m", "euler"]}
+    assert data["fails"] == {"dpmpp_2m": {"beta": "old"}, "lms": {"*": "no"}}
+    assert "dpmpp_2m" in data["works"]["normal"]
     assert "at most 1% under 15 dB" in data["verified_by"] and "KB 1000" in data["verified_by"]
 
 
