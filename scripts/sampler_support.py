@@ -279,10 +279,12 @@ def verify(args) -> None:
     suffix = "" if args.model == "sd1" else f"-{args.model}"
     by_pair: dict[tuple[str, str], list[dict]] = {}
     pairs = [tuple(p.split("/")) for p in args.pairs.split(",") if p]
+    same_keys = "denoised"
     for kb_size, queries in VERIFY_RUNS:
         out = ROOT / "out" / f"verify{kb_size}{suffix}"
         (out / "pairs").mkdir(parents=True, exist_ok=True)
         sup = Support(out, kb_size, queries, "none", args.model, VERIFY_PROMPT_SEED)
+        same_keys = sup.same_keys
         for s, sch in pairs or [tuple(f.stem.split("__")) for f in sorted((out / "pairs").glob("*.json"))]:
             f = out / "pairs" / f"{s}__{sch}.json"
             if not f.is_file():
@@ -310,7 +312,8 @@ def verify(args) -> None:
     md = (f"# ReDi per-image verification{' on ' + demo.title if suffix else ''}\n\n"
           f"Made by `.venv/bin/python scripts/sampler_support.py --verify --pairs ...{' --model ' + args.model if suffix else ''}` on "
           f"{platform.machine()} ({platform.processor() or 'CPU'}), {demo.title}, k={K}, v={V}, H=1, {demo.steps} steps, cfg {demo.cfg:g}, "
-          f"the guard at its defaults (landing check included). Query prompts from seed {VERIFY_PROMPT_SEED} (held out: the guard "
+          f"the guard at its defaults (landing check included), `key_space` auto ({same_keys} keys at the KB's seed, denoised "
+          f"keys at new seeds). Query prompts from seed {VERIFY_PROMPT_SEED} (held out: the guard "
           f"was calibrated on seed 999 and 4242). Per run: "
           + ", ".join(f"a {kb}-entry KB with {q} queries per regime" for kb, q in VERIFY_RUNS)
           + ". A pair is verified when every run keeps mean PSNR >= 20 dB, accuracy within 2 points of the full run and at most "
