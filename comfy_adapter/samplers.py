@@ -141,19 +141,15 @@ def verdict_refusal(sampler: str, scheduler: str | None, kind: str = "eps") -> s
     return None
 
 
-# a pair that works by the grid's means but whose per-image failure rate is not verified (at most 1% of
-# images under 15 dB, 96 items per regime with a 16-entry KB and 96 with a 1,000-entry one) is served
-# with every item sampled in full: never a silently wrong image; scripts/sampler_support.py turns this off
-HOLD_UNVERIFIED = True
-
-
 def unverified_reason(sampler: str, scheduler: str | None, model=None) -> str | None:
     """Why ReDi samples every item of this pair in full (the report's line), or None when the pair is
-    verified per image for this model's kind (the flow table decides where it covers the pair)."""
-    if not HOLD_UNVERIFIED or scheduler is None:
+    verified per image for this model's kind (the flow table decides where it covers the pair). A pair
+    that works by the grid's means but has not passed the per-image bar (at most 1% of images under
+    15 dB, 96 items per regime with a 16-entry KB and 96 with a 1,000-entry one) is served with every
+    item sampled in full: never a silently wrong image."""
+    if scheduler is None:
         return None
-    kind = model_kind(model) if model is not None else "eps"
-    deciding = kind if kind == "flow" and _deciding_kind(sampler, scheduler, kind) == "flow" else "eps"
+    deciding = _deciding_kind(sampler, scheduler, model_kind(model) if model is not None else "eps")
     verified = VERDICTS[deciding]["verified"]
     if sampler in verified.get(scheduler, ()):
         return None
@@ -161,7 +157,7 @@ def unverified_reason(sampler: str, scheduler: str | None, model=None) -> str | 
     known = known or [f"{s}/{k}" for k, per in sorted(verified.items()) for s in per][:4]
     return (f"{sampler} with the {scheduler} scheduler is not verified per image on {MEASURED_ON[deciding]} (at most 1% of "
             f"images under 15 dB to their full run), so ReDi samples every image in full and skips no step; verified: "
-            f"{', '.join(known) or 'none'} (docs/sampler_support.md; verify a pair with scripts/sampler_support.py --verify)")
+            f"{', '.join(known) or 'none'} (docs/sampler_verification.md; verify a pair with scripts/sampler_support.py --verify)")
 
 
 def measured(sampler: str, scheduler: str | None = None) -> bool:

@@ -42,7 +42,8 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         return comfy.samplers.sampler_object(self.inner_name).max_denoise(model_wrap, sigmas)
 
     def _library_kb(self, model_wrap, sigmas, noise, latent_image):
-        """The library's KB that fits this run (created empty when none does), and the KB opened for retrieval."""
+        """The library's KB that fits this run (created empty when none does), the KB opened for retrieval,
+        and the scheduler the sigmas come from."""
         patcher = model_wrap.model_patcher
         scheduler = comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
         if scheduler is None:
@@ -54,7 +55,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         fp = recording.run_fingerprint(patcher, tuple(noise.shape), self.inner_name, scheduler, len(sigmas) - 1,
                                        float(getattr(model_wrap, "cfg", 1.0)), model_wrap.original_conds.get("negative"))
         lkb = self.library.find_or_create(fp)
-        return lkb, self.library.open(lkb)
+        return lkb, self.library.open(lkb), scheduler
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         if self.library is not None:
@@ -80,7 +81,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
             raise KBError("ReDi Sampler samples from pure noise (txt2img): use an Empty Latent Image")
         if self.speed != adaptive.FIXED:
             return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
-                                         kb, None, self.speed, notes)
+                                         kb, None, self.speed, notes, scheduler or fp.scheduler)
         params = kb_match.resolve_params(kb, *self.opts[:6], extra_args.get("seed", -1), noise.shape[0], patcher,
                                          self.max_weight_deviation)
         k, v = params.key_step, params.value_step
@@ -154,13 +155,13 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         return out
 
     def _sample_library(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
-        lkb, kb = self._library_kb(model_wrap, sigmas, noise, latent_image)
+        lkb, kb, scheduler = self._library_kb(model_wrap, sigmas, noise, latent_image)
         speed = adaptive.library_preset(self.speed)
         return self._sample_adaptive(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
-                                     kb, lkb, speed, [])
+                                     kb, lkb, speed, [], scheduler)
 
     def _sample_adaptive(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar,
-                         kb, lkb, speed: str, notes: list[str]):
+                         kb, lkb, speed: str, notes: list[str], scheduler: str):
         """Each item's value step from its retrieval (a speed preset), on a connected KB or a library KB
         (`lkb`; then items sampled in full are recorded when learning)."""
         steps = len(sigmas) - 1
@@ -173,9 +174,7 @@ class ReDiSamplerImpl(comfy.samplers.Sampler):
         explore, spacing = exploration(lkb, kb, k, speed, record)
         ret = adaptive.retrieve_adaptive(kb, state, k, tiers, sigmas.float().cpu().tolist(), self.opts[2], self.max_weight_deviation,
                                          explore=explore, spacing=spacing)
-        patcher = model_wrap.model_patcher
-        hold = comfy_adapter.unverified_reason(self.inner_name, comfy_adapter.scheduler_of(patcher, self.inner_name, sigmas)
-                                               or (kb.fingerprint.scheduler if kb is not None else None), patcher)
+        hold = comfy_adapter.unverified_reason(self.inner_name, scheduler, model_wrap.model_patcher)
         if hold:
             ret.hold(HELD, state)
             notes = [f"ReDi: {hold}"] + notes

@@ -446,24 +446,23 @@ def calibration(items: list[dict]) -> str:
         lines += [f"landing check (the finish's first estimate vs the query's at k; 1 - correlation), guard off, under {FAIL_DB:g} dB = failed:", "",
                   "| regime | max landing | good given up | failed caught |", "|---|---|---|---|"]
         for regime in ("same", "new"):
-            good = [i for i in landed if i["regime"] == regime and i["psnr"] >= FAIL_DB]
-            bad = [i for i in landed if i["regime"] == regime and i["psnr"] < FAIL_DB]
-            for t in (0.4, 0.5, 0.6, 0.7, 0.8):
-                gu = sum(i["landing"] > t for i in good)
-                fc = sum(i["landing"] > t for i in bad)
-                lines.append(f"| {regime} | {t:g} | {gu} of {len(good)} | {fc} of {len(bad)} |")
+            lines += tradeoff([i for i in landed if i["regime"] == regime], "landing", (0.4, 0.5, 0.6, 0.7, 0.8), f"| {regime} ")
         lines.append("")
     latent = [i for i in items if i.get("denoised_distance") is not None]
     if latent:
-        good = [i for i in latent if i["psnr"] >= FAIL_DB]
-        bad = [i for i in latent if i["psnr"] < FAIL_DB]
-        lines += [f"denoised-distance threshold, latent keys ({len(good)} good, {len(bad)} failed under {FAIL_DB:g} dB):", "",
+        bad = sum(i["psnr"] < FAIL_DB for i in latent)
+        lines += [f"denoised-distance threshold, latent keys ({len(latent) - bad} good, {bad} failed under {FAIL_DB:g} dB):", "",
                   "| max denoised distance | good given up | failed caught |", "|---|---|---|"]
-        for t in (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0):
-            gu = sum(i["denoised_distance"] > t for i in good)
-            fc = sum(i["denoised_distance"] > t for i in bad)
-            lines.append(f"| {t:g} | {gu} of {len(good)} | {fc} of {len(bad)} |")
+        lines += tradeoff(latent, "denoised_distance", (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0))
     return "\n".join(lines)
+
+
+def tradeoff(items: list[dict], stat: str, thresholds: tuple[float, ...], prefix: str = "") -> list[str]:
+    """Table rows of a per-image predictor: at each threshold on `stat`, the good items (FAIL_DB or more,
+    guard off) it would give up and the failed ones it would catch."""
+    good = [i[stat] for i in items if i["psnr"] >= FAIL_DB]
+    bad = [i[stat] for i in items if i["psnr"] < FAIL_DB]
+    return [f"{prefix}| {t:g} | {sum(v > t for v in good)} of {len(good)} | {sum(v > t for v in bad)} of {len(bad)} |" for t in thresholds]
 
 
 def main() -> None:
